@@ -1,0 +1,202 @@
+"""Recipe → data → model → TRL trainer → outputs.
+
+The output folder contract: adapter/ (standard PEFT adapter + tokenizer), recipe.yaml (resolved),
+metrics.json (summary), metrics.jsonl (every log line) and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from finetune.errors import UserError
+from finetune.model import check_model_dir, load_model, load_tokenizer, resolve_model_dir
+from finetune.recipe import Recipe, dump_recipe
+from finetune.tracking import TrackingCallback, make_tracker
+
+FINISHED_MARKERS = ("metrics.json", "adapter")
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to write over a finished run unless asked; with --overwrite, clear only what a run writes."""
+    finished = [m for m in FINISHED_MARKERS if (output_dir / m).exists()]
+    if finished and not overwrite:
+        raise UserError(
+            f"output_dir: {output_dir} already holds a finished run ({', '.join(finished)}); "
+            "pass --overwrite to replace it, or set output_dir to a new folder (e.g. --set output_dir=...)"
+        )
+    if finished:
+        for name in (*FINISHED_MARKERS, "metrics.jsonl", "recipe.yaml", "checkpoints"):
+            target = output_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import bitsandbytes
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    versions = {m.__name__: m.__version__ for m in (torch, transformers, peft, trl, bitsandbytes, accelerate, datasets)}
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def trainer_arguments(recipe: Recipe, output_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments for TRL's config: the recipe's training section, then training.extra on top."""
+    t = recipe.training
+    args: dict[str, Any] = {
+        "output_dir": str(output_dir / "checkpoints"),
+        "max_steps": t.max_steps,
+        "num_train_epochs": t.num_epochs,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_ratio,
+        "per_device_train_batch_size": t.batch_size,
+        "per_device_eval_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "optim": t.optimizer,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "logging_steps": t.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps" if t.save_steps else "no",
+        "save_steps": t.save_steps or 500,
+        "save_total_limit": t.save_total_limit,
+        "report_to": "none",
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "use_cpu": device.type == "cpu",
+        "dataloader_num_workers": 0,
+        "max_length": recipe.data.max_length,
+        "router_aux_loss_coef": recipe.moe.aux_loss_coef if recipe.moe.aux_loss else 0.0,
+        "disable_tqdm": False,
+    }
+    return {**args, **recipe.training.extra}
+
+
+class AdapterCheckpointCallback(TrainerCallback):
+    """Each trainer checkpoint also gets a standard PEFT adapter folder (experts included)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def on_save(self, args, state, control, **kwargs):
+        from finetune.moe.lora import save_adapter
+
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.exists():
+            save_adapter(self.model, checkpoint / "adapter")
+
+
+def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
+    """Train one recipe end to end and return the metrics written to metrics.json."""
+    if recipe.method != "sft":
+        raise UserError(f"method: {recipe.method!r} is not available yet in this version; use method: sft")
+    from data_tools.pipeline import prepare_sft_data
+    from trl import SFTConfig, SFTTrainer
+
+    started = time.time()
+    output_dir = Path(recipe.output_dir)
+    prepare_output_dir(output_dir, overwrite)
+    torch.manual_seed(recipe.training.seed)
+
+    # data is validated and tokenised before the model is loaded: a bad record costs seconds, not a model load
+    model_dir = resolve_model_dir(
+        recipe.model.path, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle
+    )
+    check_model_dir(model_dir, recipe.model)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+    prepared = prepare_sft_data(recipe.data, tokenizer, model_dir=model_dir, seed=recipe.training.seed)
+    print(f"data: {prepared.stats.get('train_records')} train / {prepared.stats.get('eval_records')} eval records")
+
+    loaded = load_model(recipe.model, recipe.lora, model_dir, train_aux=recipe.moe.aux_loss)
+    for line in loaded.summary:
+        print(line)
+    model = loaded.model
+
+    (output_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    tracker = make_tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"))
+    expert_load = None
+    if recipe.moe.track_expert_load:
+        from finetune.moe.routing import ExpertLoadTracker
+
+        expert_load = ExpertLoadTracker(model)
+    tracking = TrackingCallback(tracker, expert_load)
+
+    kwargs = trainer_arguments(recipe, output_dir, loaded.device, loaded.dtype)
+    kwargs.update(prepared.trainer_kwargs)
+    if prepared.eval is not None:
+        kwargs.update(eval_strategy="steps" if recipe.training.eval_steps else "no")
+        kwargs.update(eval_steps=recipe.training.eval_steps)
+    config = SFTConfig(**kwargs)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        callbacks=[tracking, AdapterCheckpointCallback(model)],
+    )
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    from finetune.memory import PeakMemory
+
+    train_started = time.time()
+    with PeakMemory(loaded.device) as train_peak:
+        result = trainer.train()
+    train_seconds = time.time() - train_started
+    eval_loss = None
+    if prepared.eval is not None:
+        eval_loss = trainer.evaluate().get("eval_loss")
+
+    from finetune.moe.lora import save_adapter
+
+    save_adapter(model, output_dir / "adapter")
+    tokenizer.save_pretrained(str(output_dir / "adapter"))
+    if expert_load is not None:
+        expert_load.remove()
+    tracker.close()
+
+    tokens = int(getattr(trainer, "_total_train_tokens", 0) or 0)
+    metrics = {
+        "first_loss": tracking.first_loss,
+        "final_train_loss": tracking.last_loss,
+        "train_loss_mean": result.training_loss,
+        "eval_loss": eval_loss if eval_loss is not None else tracking.eval_loss,
+        "aux_loss": tracking.last_aux_loss,
+        "steps": result.global_step,
+        "tokens_trained": tokens,
+        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.time() - started,
+        "peak_memory": train_peak.peak,
+        "peak_memory_kind": "cuda_max_allocated" if loaded.device.type == "cuda" else "process_rss",
+        "load_peak_memory": loaded.load_peak_memory,
+        "model_bytes": loaded.report.model_bytes,
+        "quantized_fraction": loaded.report.quantized_fraction,
+        "quantization": recipe.model.quantization,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "data": prepared.stats,
+        "versions": library_versions(),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+    return metrics
