@@ -203,7 +203,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             elif isinstance(node, dict):
                 node[last] = value
             else:
-                problems.append(f"--set {key}: cannot set {last} here")
+                problems.append(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
     return problems
 
 
