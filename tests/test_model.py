@@ -43,7 +43,7 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
 
 
 def test_folder_without_config_or_weights(tmp_path):
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match=r"no config\.json"):
         check_model_dir(tmp_path, ModelSettings(path=str(tmp_path)))
     d = fake_model_dir(tmp_path, {"model_type": "mixtral"}, {})
     with pytest.raises(UserError, match=r"no \*.safetensors"):

@@ -1,0 +1,160 @@
+"""End to end: `finetune run` on the tiny recipe, through the CLI, and the training contract in process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from finetune.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = cli(
+        "run",
+        str(TINY),
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "training.max_steps=12",
+        "--set",
+        "training.logging_steps=2",
+    )
+    return out, result
+
+
+def test_run_writes_the_output_contract(finished_run):
+    out, result = finished_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"adapter: {out / 'adapter'}" in result.stdout
+    adapter = out / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (adapter / name).exists(), name
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(config["target_parameters"])
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["training"]["max_steps"] == 12 and resolved["output_dir"] == str(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "final_train_loss",
+        "first_loss",
+        "eval_loss",
+        "steps",
+        "tokens_trained",
+        "tokens_per_second",
+        "peak_memory",
+        "wall_seconds",
+        "versions",
+        "model_bytes",
+        "quantized_fraction",
+        "load_peak_memory",
+        "aux_loss",
+    ):
+        assert metrics.get(key) is not None, key
+    assert metrics["steps"] == 12 and metrics["tokens_trained"] > 0
+    assert metrics["versions"]["transformers"].startswith("5.")
+    assert 0.5 < metrics["quantized_fraction"] < 1.0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in row for row in lines)
+    assert any(any(k.startswith("moe/") for k in row) for row in lines), "expert-load metrics are logged"
+
+
+def test_run_loss_drops_and_adapter_trained(finished_run):
+    out, result = finished_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_train_loss"] < metrics["first_loss"] - 0.5, metrics
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    b_weights = {k: v for k, v in weights.items() if "lora_B" in k}
+    expert_b = [v for k, v in b_weights.items() if ".mlp.experts." in k]
+    attention_b = [v for k, v in b_weights.items() if ".self_attn." in k]
+    assert expert_b and attention_b
+    # lora_B starts at zero: every one of them moved, on the experts as on attention
+    assert all(v.abs().max() > 0 for v in expert_b + attention_b)
+
+
+def test_run_refuses_to_overwrite_a_finished_run(finished_run, tiny_model_dir):
+    out, _ = finished_run
+    before = (out / "metrics.json").read_bytes()
+    result = cli("run", str(TINY), "--set", f"model.path={tiny_model_dir}", "--set", f"output_dir={out}")
+    assert result.returncode == 2
+    assert "already holds a finished run" in result.stderr and "--overwrite" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_run_with_bad_recipe_touches_nothing(tmp_path):
+    out = tmp_path / "never"
+    result = cli("run", str(TINY), "--set", f"output_dir={out}", "--set", "lora.rank=4", "--set", "model.dtype=fp8")
+    assert result.returncode == 2
+    assert "lora.rank: unknown key; did you mean lora.r?" in result.stderr
+    assert "model.dtype: got 'fp8'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_training_leaves_base_weights_unchanged(tmp_path, tiny_model_dir):
+    """In process: every base tensor after training equals a fresh load; only LoRA tensors changed."""
+    from finetune.moe.loading import load_mixtral
+
+    import finetune.train as train_mod
+
+    recipe = load_recipe(
+        TINY,
+        [
+            f"model.path={tiny_model_dir}",
+            f"output_dir={tmp_path / 'out'}",
+            "training.max_steps=3",
+            "data.packing=false",
+        ],
+    )
+    captured = {}
+    real_load_model = train_mod.load_model
+
+    def capture(*args, **kwargs):
+        captured["loaded"] = real_load_model(*args, **kwargs)
+        captured["lora_before"] = {
+            n: p.detach().clone() for n, p in captured["loaded"].model.named_parameters() if p.requires_grad
+        }
+        return captured["loaded"]
+
+    train_mod.load_model = capture
+    try:
+        train_mod.run(recipe)
+    finally:
+        train_mod.load_model = real_load_model
+    model = captured["loaded"].model
+    fresh, _ = load_mixtral(tiny_model_dir, quantization="nf4", dtype=torch.float32, device="cpu")
+    fresh_state = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+    trained = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    compared = 0
+    for name, tensor in trained.items():
+        if "lora_" in name:
+            continue
+        base_name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        if base_name in fresh_state:
+            assert torch.equal(tensor.detach().cpu(), fresh_state[base_name].detach().cpu()), name
+            compared += 1
+    assert compared > 20
+    changed = [n for n, before in captured["lora_before"].items() if not torch.equal(before, model.get_parameter(n))]
+    assert any(".mlp.experts." in n for n in changed) and any(".self_attn." in n for n in changed)
