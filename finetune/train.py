@@ -106,6 +106,19 @@ class AdapterCheckpointCallback(TrainerCallback):
             save_adapter(self.model, checkpoint / "adapter")
 
 
+def data_summary(stats: dict[str, Any]) -> str:
+    """One line on what will be trained: records, skipped records (never silent), tokens, packing."""
+    parts = [f"data: {stats.get('train_records')} train / {stats.get('eval_records')} eval records"]
+    if stats.get("records_skipped"):
+        parts.append(f"{stats['records_skipped']} invalid records skipped {stats.get('skipped_by_reason', {})}")
+    if stats.get("truncated"):
+        parts.append(f"{stats['truncated']} truncated to max_length")
+    parts.append(f"{stats.get('trained_tokens')} of {stats.get('train_tokens')} tokens carry loss")
+    if stats.get("packing_efficiency") is not None:
+        parts.append(f"packing efficiency {stats['packing_efficiency']:.1%}")
+    return ", ".join(parts)
+
+
 def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
     """Train one recipe end to end and return the metrics written to metrics.json."""
     if recipe.method != "sft":
@@ -125,7 +138,7 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
     check_model_dir(model_dir, recipe.model)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
     prepared = prepare_sft_data(recipe.data, tokenizer, model_dir=model_dir, seed=recipe.training.seed)
-    print(f"data: {prepared.stats.get('train_records')} train / {prepared.stats.get('eval_records')} eval records")
+    print(data_summary(prepared.stats))
 
     loaded = load_model(recipe.model, recipe.lora, model_dir, train_aux=recipe.moe.aux_loss)
     for line in loaded.summary:
@@ -195,6 +208,8 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         "quantization": recipe.model.quantization,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        "records_skipped": prepared.stats.get("records_skipped", 0),
+        "packing_efficiency": prepared.stats.get("packing_efficiency"),
         "data": prepared.stats,
         "versions": library_versions(),
     }
