@@ -1,0 +1,396 @@
+"""Streaming Mixtral load that quantises tensor by tensor, so no 16-bit copy of the model ever exists.
+
+The skeleton is built on the meta device; `mlp.experts` becomes a `QuantizedExperts` (allocated at its quantised size
+on the target device), attention q/k/v/o become bitsandbytes `Linear4bit`/`Linear8bitLt` (so PEFT applies its bnb
+LoRA layers), and the router becomes a `Float32Router`. Then every safetensors tensor is read with `safe_open` and
+placed (and quantised) as it arrives. Per-expert w1/w3 halves are joined and quantised as soon as both are there.
+Embeddings, lm_head and norms stay in `dtype`; the router stays float32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, MixtralTopKRouter
+
+from finetune.errors import UserError
+from finetune.moe.quantized import FOUR_BIT, QUANTIZATIONS, QuantizedExperts
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+GROUPS = ("attention", "experts", "router", "embeddings", "norms", "lm_head")
+
+_PER_EXPERT = re.compile(
+    r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
+_PIECE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+class Float32Router(MixtralTopKRouter):
+    """Mixtral's router with its weight kept in float32 while the model runs in bf16 (routing is precision-sensitive).
+
+    A subclass, so transformers' router-logit recorder (aux loss) and our `ExpertLoadTracker` still find it by type.
+    """
+
+    def forward(self, hidden_states):
+        return super().forward(hidden_states.to(self.weight.dtype))
+
+
+@dataclass
+class LoadReport:
+    quantization: str
+    groups: dict[str, dict[str, int]] = field(default_factory=dict)
+    model_bytes: int = 0
+    quantized_fraction: float = 0.0
+
+    def summary_lines(self) -> list[str]:
+        total = sum(g["params"] for g in self.groups.values())
+        lines = [
+            f"quantization: {self.quantization}; {total / 1e6:.2f}M base parameters, "
+            f"{self.quantized_fraction:.1%} stored quantised; resident {self.model_bytes / 2**20:.1f} MiB"
+        ]
+        for name in GROUPS:
+            g = self.groups.get(name)
+            if not g or not g["params"]:
+                continue
+            state = "quantised" if g["quantized_params"] == g["params"] else "full precision"
+            if 0 < g["quantized_params"] < g["params"]:
+                state = f"{g['quantized_params'] / g['params']:.0%} quantised"
+            lines.append(
+                f"  {name:<10} {g['params'] / 1e6:9.2f}M params  {g['bytes'] / 2**20:9.1f} MiB  "
+                f"({8 * g['bytes'] / g['params']:.2f} bits/param, {state})"
+            )
+        return lines
+
+
+def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors a bitsandbytes parameter keeps outside its data: 4-bit QuantState, or int8 row scales."""
+    out = []
+    state = getattr(param, "quant_state", None)
+    while state is not None:
+        out += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
+        state = state.state2
+    scb = getattr(param, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        out.append(scb)
+    return out
+
+
+def _is_adapter_tensor(name: str) -> bool:
+    return ".lora_" in name or "modules_to_save." in name
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the base model's parameters and buffers, including bitsandbytes quant states (adapters excluded)."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [(n, t) for n, t in model.named_parameters()] + [(n, t) for n, t in model.named_buffers()]
+    for name, module in model.named_modules():  # Linear8bitLt moves its row scales into module.state on first use
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(module, bnb.nn.Linear8bitLt) and isinstance(scb, torch.Tensor):
+            tensors.append((name, scb))
+    for name, t in tensors:
+        if _is_adapter_tensor(name):
+            continue
+        for x in [t, *_quant_state_tensors(t)]:
+            key = x.untyped_storage().data_ptr() if x.device.type != "meta" else id(x)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += x.numel() * x.element_size()
+    return total
+
+
+def _group_of(name: str) -> str | None:
+    if ".self_attn." in name:
+        return "attention"
+    if ".experts." in name or name.endswith(".experts"):
+        return "experts"
+    if ".gate." in name and ".mlp." in name:
+        return "router"
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if "norm" in name:
+        return "norms"
+    return None
+
+
+def build_report(model: nn.Module, quantization: str) -> LoadReport:
+    """Count logical parameters, quantised parameters and resident bytes per group of a loaded model."""
+    groups = {g: {"params": 0, "quantized_params": 0, "bytes": 0} for g in GROUPS}
+    for mod_name, module in model.named_modules():
+        if _is_adapter_tensor(mod_name + "."):
+            continue
+        if isinstance(module, QuantizedExperts):
+            g = groups["experts"]
+            g["params"] += module.num_base_params
+            g["quantized_params"] += module.num_base_params if module.quantization != "none" else 0
+            g["bytes"] += sum(b.numel() * b.element_size() for b in module.buffers())
+            continue
+        for p_name, param in module.named_parameters(recurse=False):
+            group = _group_of(f"{mod_name}.{p_name}")
+            if group is None:
+                continue
+            quantized = isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)) and param.dtype in (
+                torch.uint8,
+                torch.int8,
+            )
+            n = module.in_features * module.out_features if quantized else param.numel()
+            g = groups[group]
+            g["params"] += n
+            g["quantized_params"] += n if quantized else 0
+            g["bytes"] += sum(t.numel() * t.element_size() for t in [param, *_quant_state_tensors(param)])
+    total = sum(g["params"] for g in groups.values())
+    quantized = sum(g["quantized_params"] for g in groups.values())
+    return LoadReport(
+        quantization=quantization,
+        groups=groups,
+        model_bytes=model_bytes(model),
+        quantized_fraction=quantized / total if total else 0.0,
+    )
+
+
+def verify_quantized(model: nn.Module, quantization: str) -> None:
+    """Fail loudly if a quantised recipe left any expert weight in 16/32-bit (the silent transformers trap)."""
+    if quantization == "none":
+        return
+    problems = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts") and not isinstance(module, QuantizedExperts):
+            problems.append(f"{name} is {type(module).__name__}, not QuantizedExperts")
+        elif isinstance(module, QuantizedExperts):
+            if module.quantization != quantization:
+                problems.append(f"{name} stores {module.quantization}, recipe asked for {quantization}")
+            if not module.is_complete():
+                problems.append(f"{name} has unfilled expert slots: {', '.join(module.missing()[:8])}")
+    for name, tensor in model.named_parameters():
+        if ".experts." in name and tensor.is_floating_point() and not _is_adapter_tensor(name):
+            problems.append(f"{name} is still {tensor.dtype} {tuple(tensor.shape)}")
+    if problems:
+        raise UserError(f"expert weights are not stored in {quantization} as the recipe asked", problems[:20])
+
+
+# ---- checkpoint reading ------------------------------------------------------------------------------------------
+
+
+def _read_config(path: Path) -> MixtralConfig:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"no config.json in model folder {path}")
+    raw = json.loads(config_file.read_text())
+    model_type, archs = raw.get("model_type"), raw.get("architectures") or []
+    if model_type != "mixtral":
+        raise UserError(
+            f"{path} is not a Mixtral model: found model_type={model_type!r}, architectures={archs}",
+            ["finetune trains Mixtral-architecture MoE models (model_type 'mixtral', MixtralForCausalLM)"],
+        )
+    return MixtralConfig.from_pretrained(str(path))
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def _keys_of(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.keys())
+
+
+def _check_keys(keys: list[str], model: MixtralForCausalLM, config: MixtralConfig) -> None:
+    """Every parameter must be filled exactly: report all missing and unexpected checkpoint keys at once."""
+    n_layers, n_experts = config.num_hidden_layers, config.num_local_experts
+    plain = {
+        n
+        for n, _ in model.named_parameters()
+        if ".mlp.experts." not in n and ".mlp.gate." not in n and not n.endswith(".mlp.experts")
+    }
+    if config.tie_word_embeddings:
+        plain.discard("lm_head.weight")
+    pieces: dict[tuple[int, int], set[str]] = defaultdict(set)
+    seen_plain, routers, unexpected = set(), set(), []
+    for key in keys:
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if m := _PER_EXPERT.match(key):
+            layer, expert = int(m.group(1)), int(m.group(2))
+            if layer >= n_layers or expert >= n_experts:
+                unexpected.append(key)
+            pieces[(layer, expert)].add(_PIECE[m.group(3)])
+        elif m := _FUSED.match(key):
+            layer = int(m.group(1))
+            if layer >= n_layers:
+                unexpected.append(key)
+            for e in range(n_experts):
+                pieces[(layer, e)].update(("gate", "up") if m.group(2) == "gate_up_proj" else ("down",))
+        elif m := _ROUTER.match(key):
+            routers.add(int(m.group(1)))
+        elif key in plain:
+            seen_plain.add(key)
+        else:
+            unexpected.append(key)
+    missing = sorted(plain - seen_plain)
+    missing += [f"router of layer {layer}" for layer in range(n_layers) if layer not in routers]
+    for layer in range(n_layers):
+        for e in range(n_experts):
+            lacking = {"gate", "up", "down"} - pieces.get((layer, e), set())
+            if lacking:
+                missing.append(f"layer {layer} expert {e}: {'/'.join(sorted(lacking))} weights")
+    if missing or unexpected:
+        problems = [f"missing: {k}" for k in missing[:20]] + [f"unexpected: {k}" for k in unexpected[:20]]
+        raise UserError(
+            f"checkpoint does not match the Mixtral config ({len(missing)} missing, {len(unexpected)} unexpected)",
+            problems,
+        )
+
+
+def _quantized_linear(linear: nn.Linear, quantization: str, dtype: torch.dtype, double_quant: bool) -> nn.Module:
+    if quantization in FOUR_BIT:
+        return bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            compute_dtype=dtype,
+            compress_statistics=double_quant,
+            quant_type=quantization,
+            device="meta",
+        )
+    return bnb.nn.Linear8bitLt(
+        linear.in_features, linear.out_features, bias=False, has_fp16_weights=False, threshold=0.0, device="meta"
+    )
+
+
+def _build_skeleton(config: MixtralConfig, quantization: str, dtype, device, double_quant, blocksize):
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    for layer in model.model.layers:
+        layer.mlp.experts = QuantizedExperts(
+            config.num_local_experts,
+            config.hidden_size,
+            config.intermediate_size,
+            quantization=quantization,
+            dtype=dtype,
+            device=device,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            hidden_act=config.hidden_act,
+        )
+        with torch.device("meta"):
+            layer.mlp.gate = Float32Router(config)
+        if quantization != "none":
+            for proj in ATTENTION_PROJECTIONS:
+                old = getattr(layer.self_attn, proj)
+                setattr(layer.self_attn, proj, _quantized_linear(old, quantization, dtype, double_quant))
+    return model
+
+
+def _place(model: nn.Module, name: str, tensor: torch.Tensor, quantization, dtype, device, blocksize, double_quant):
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, bnb.nn.Linear4bit):
+        weight = bnb.nn.Params4bit(
+            tensor.to(dtype),
+            requires_grad=False,
+            blocksize=blocksize,
+            compress_statistics=double_quant,
+            quant_type=quantization,
+            module=module,
+        )
+        module.weight = weight.to(device)  # quantises on arrival
+        module.quant_state = module.weight.quant_state
+    elif isinstance(module, bnb.nn.Linear8bitLt):
+        module.weight = bnb.nn.Int8Params(tensor.to(dtype), requires_grad=False, has_fp16_weights=False).to(device)
+    else:
+        target_dtype = torch.float32 if isinstance(module, MixtralTopKRouter) else dtype
+        module._parameters[param_name] = nn.Parameter(tensor.to(device=device, dtype=target_dtype))
+
+
+def load_mixtral(
+    path,
+    *,
+    quantization: str = "nf4",
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    double_quant: bool = True,
+    blocksize: int = 64,
+) -> tuple[MixtralForCausalLM, LoadReport]:
+    """Load a local Mixtral checkpoint with its experts (and attention) quantised as each tensor streams in."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"unknown quantization {quantization!r}", [f"choose one of {', '.join(QUANTIZATIONS)}"])
+    path = Path(path)
+    device = torch.device(device)
+    config = _read_config(path)
+    config.dtype = dtype
+    config.name_or_path = str(path)  # PEFT records it as base_model_name_or_path
+    files = _shard_files(path)
+    keys = [key for file in files for key in _keys_of(file)]
+
+    model = _build_skeleton(config, quantization, dtype, device, double_quant, blocksize)
+    _check_keys(keys, model, config)
+    layers = model.model.layers
+    pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    place = dict(quantization=quantization, dtype=dtype, device=device, blocksize=blocksize, double_quant=double_quant)
+    for file, key in [(shard, key) for shard in files for key in _keys_of(shard)]:
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        # One short-lived handle per tensor: the file mapping (which counts as resident memory) is dropped as soon
+        # as the tensor is placed, so loading never holds more than one checkpoint tensor.
+        with safe_open(str(file), framework="pt") as f:
+            if m := _PER_EXPERT.match(key):
+                layer, expert, piece = int(m.group(1)), int(m.group(2)), _PIECE[m.group(3)]
+                experts = layers[layer].mlp.experts
+                if piece == "down":
+                    experts.set_expert("down_proj", expert, f.get_tensor(key).to(dtype))
+                    continue
+                halves = pending.setdefault((layer, expert), {})
+                halves[piece] = f.get_tensor(key).to(dtype)
+                if len(halves) == 2:  # gate rows first, then up: [w1; w3]
+                    experts.set_expert("gate_up_proj", expert, torch.cat([halves["gate"], halves["up"]]))
+                    del pending[(layer, expert)]
+            elif m := _FUSED.match(key):
+                experts = layers[int(m.group(1))].mlp.experts
+                stacked = f.get_slice(key)  # read one expert at a time, never the whole stack
+                for e in range(experts.num_experts):
+                    experts.set_expert(m.group(2), e, stacked[e].to(dtype))
+            elif m := _ROUTER.match(key):
+                _place(model, f"model.layers.{m.group(1)}.mlp.gate.weight", f.get_tensor(key), **place)
+            else:
+                _place(model, key, f.get_tensor(key), **place)
+
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.device(device):  # non-persistent buffers are not in the checkpoint: recompute them
+        model.model.rotary_emb = MixtralRotaryEmbedding(config)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftovers:
+        raise UserError("some model tensors were not filled from the checkpoint", leftovers[:20])
+    verify_quantized(model, quantization)
+
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    model.name_or_path = str(path)
+    model.is_loaded_in_4bit = quantization in FOUR_BIT  # read by PEFT (bnb LoRA dispatch) and TRL
+    model.is_loaded_in_8bit = quantization == "int8"
+    model.eval()
+    return model, build_report(model, quantization)

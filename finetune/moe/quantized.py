@@ -1,0 +1,283 @@
+"""Mixtral experts stored in NF4/FP4 (or int8, or plain), run one routed expert at a time.
+
+`from_pretrained(..., load_in_4bit=True)` only quantises `nn.Linear`, so Mixtral's fused 3-D experts (97% of the
+parameters) stay 16-bit. `QuantizedExperts` replaces `MixtralExperts` with the same forward signature and keeps every
+expert's gate_up [2F, H] and down [H, F] weights quantised with bitsandbytes' functional API. The forward pass sorts
+the routed (token, expert) pairs once, runs only experts that received tokens, dequantises one projection of one
+expert at a time, and the backward pass dequantises again instead of keeping 16-bit weights alive (`_DequantLinear`).
+Memory above the resident weights is therefore about one expert's weights plus activations, never the layer stack.
+
+Quantised data and quantisation statistics are registered buffers (so `.to(device)`, `state_dict()` and
+`tensor_bytes` see them); a bitsandbytes `QuantState` is rebuilt from the buffers on every dequantisation.
+Optional per-expert LoRA factors (see `finetune.moe.lora`) are applied split-style inside the routed forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import bitsandbytes.functional as bnbf
+import torch
+from bitsandbytes.functional import QuantState
+from torch import nn
+from transformers.activations import ACT2FN
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+FOUR_BIT = ("nf4", "fp4")
+PROJECTIONS = ("gate_up_proj", "down_proj")
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for double-quantised absmax
+
+
+@dataclass
+class ExpertLoraFactors:
+    """One projection's LoRA in PEFT ParamWrapper layout: A (E*r, in) expert-slowest, B (out, r*E) expert-fastest."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    num_experts: int
+
+    def per_expert(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(A_e [r, in] for each e, B_e [out, r] for each e); `unbind` keeps the backward to one stacked gradient."""
+        a = self.lora_A.reshape(self.num_experts, -1, self.lora_A.shape[-1])
+        b = self.lora_B.reshape(self.lora_B.shape[0], -1, self.num_experts).permute(2, 0, 1)
+        return a.unbind(0), b.unbind(0)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x @ W_e^T with W_e dequantised on the fly; the backward dequantises again rather than saving W_e."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, experts: QuantizedExperts, proj: str, expert: int) -> torch.Tensor:
+        weight = experts.dequantize(proj, expert, dtype=x.dtype)
+        ctx.experts, ctx.proj, ctx.expert = experts, proj, expert
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        weight = ctx.experts.dequantize(ctx.proj, ctx.expert, dtype=grad_out.dtype)
+        return grad_out @ weight, None, None, None
+
+
+class QuantizedExperts(nn.Module):
+    """Drop-in replacement for `MixtralExperts`: forward(hidden [T,H], top_k_index [T,k], top_k_weights [T,k]) -> [T,H].
+
+    `quantization`: "nf4"/"fp4" (4-bit blockwise, optional double quantisation), "int8" (per-row absmax), or "none"
+    (plain weights in `dtype`, same module and LoRA path). Weights are filled expert by expert with `set_expert`
+    (or all at once with `load_stacked`); `is_complete()` says whether every slot was filled.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        quantization: str = "nf4",
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        hidden_act: str = "silu",
+    ):
+        super().__init__()
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.quantization = quantization
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.dtype = dtype
+        self.act_fn = ACT2FN[hidden_act]
+        self.shapes = {
+            "gate_up_proj": (2 * intermediate_size, hidden_size),
+            "down_proj": (hidden_size, intermediate_size),
+        }
+        self._filled = {proj: [False] * num_experts for proj in PROJECTIONS}
+        for proj in PROJECTIONS:
+            self._allocate(proj, torch.device(device))
+
+    # ---- storage -------------------------------------------------------------------------------------------------
+
+    def _allocate(self, proj: str, device: torch.device) -> None:
+        rows, cols = self.shapes[proj]
+        n, e = rows * cols, self.num_experts
+
+        def buf(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+            self.register_buffer(f"{proj}_{name}", torch.zeros(shape, dtype=dtype, device=device))
+
+        if self.quantization in FOUR_BIT:
+            blocks = math.ceil(n / self.blocksize)
+            buf("data", (e, math.ceil(n / 2)), torch.uint8)
+            buf("quant_map", (16,), torch.float32)
+            if self.double_quant:
+                buf("absmax", (e, blocks), torch.uint8)
+                buf("nested_absmax", (e, math.ceil(blocks / NESTED_BLOCKSIZE)), torch.float32)
+                buf("nested_code", (e, 256), torch.float32)
+                buf("offset", (e,), torch.float32)
+            else:
+                buf("absmax", (e, blocks), torch.float32)
+        elif self.quantization == "int8":
+            buf("data", (e, rows, cols), torch.int8)
+            buf("scale", (e, rows), torch.float32)
+        else:
+            buf("weight", (e, rows, cols), self.dtype)
+
+    def set_expert(self, proj: str, expert: int, weight: torch.Tensor) -> None:
+        """Quantise one expert's [out, in] weight into its slot (on this module's device)."""
+        rows, cols = self.shapes[proj]
+        if tuple(weight.shape) != (rows, cols):
+            raise ValueError(f"{proj} of expert {expert}: expected shape {(rows, cols)}, got {tuple(weight.shape)}")
+        device = self._buffer(proj, "data" if self.quantization != "none" else "weight").device
+        w = weight.to(device)
+        with torch.no_grad():
+            if self.quantization in FOUR_BIT:
+                packed, state = bnbf.quantize_4bit(
+                    w.contiguous(),
+                    blocksize=self.blocksize,
+                    compress_statistics=self.double_quant,
+                    quant_type=self.quantization,
+                )
+                self._buffer(proj, "data")[expert].copy_(packed.view(-1))
+                self._buffer(proj, "quant_map").copy_(state.code)
+                self._buffer(proj, "absmax")[expert].copy_(state.absmax)
+                if self.double_quant:
+                    self._buffer(proj, "nested_absmax")[expert].copy_(state.state2.absmax)
+                    self._buffer(proj, "nested_code")[expert].copy_(state.state2.code)
+                    self._buffer(proj, "offset")[expert].copy_(state.offset)
+            elif self.quantization == "int8":
+                data, scale, _ = bnbf.int8_vectorwise_quant(w.float().contiguous())
+                self._buffer(proj, "data")[expert].copy_(data)
+                self._buffer(proj, "scale")[expert].copy_(scale)
+            else:
+                self._buffer(proj, "weight")[expert].copy_(w)
+        self._filled[proj][expert] = True
+
+    def load_stacked(self, proj: str, stacked: torch.Tensor) -> None:
+        """Fill all experts of `proj` from a fused [E, out, in] tensor, one expert at a time."""
+        if stacked.shape[0] != self.num_experts:
+            raise ValueError(f"{proj}: expected {self.num_experts} experts, got {stacked.shape[0]}")
+        for e in range(self.num_experts):
+            self.set_expert(proj, e, stacked[e])
+
+    def is_complete(self) -> bool:
+        return all(all(flags) for flags in self._filled.values())
+
+    def missing(self) -> list[str]:
+        return [f"{proj}[{e}]" for proj, flags in self._filled.items() for e, ok in enumerate(flags) if not ok]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for proj in PROJECTIONS:
+            if f"{prefix}{proj}_{'weight' if self.quantization == 'none' else 'data'}" in state_dict:
+                self._filled[proj] = [True] * self.num_experts
+
+    def _buffer(self, proj: str, name: str) -> torch.Tensor:
+        return getattr(self, f"{proj}_{name}")
+
+    def dequantize(self, proj: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One expert's [out, in] weight in `dtype` (default: the module dtype). Allocates only that expert."""
+        dtype = dtype or self.dtype
+        rows, cols = self.shapes[proj]
+        if self.quantization in FOUR_BIT:
+            state2 = None
+            offset = None
+            if self.double_quant:
+                state2 = QuantState(
+                    absmax=self._buffer(proj, "nested_absmax")[expert],
+                    code=self._buffer(proj, "nested_code")[expert],
+                    blocksize=NESTED_BLOCKSIZE,
+                    dtype=torch.float32,
+                )
+                offset = self._buffer(proj, "offset")[expert]
+            state = QuantState(
+                absmax=self._buffer(proj, "absmax")[expert],
+                shape=torch.Size((rows, cols)),
+                code=self._buffer(proj, "quant_map"),
+                blocksize=self.blocksize,
+                quant_type=self.quantization,
+                dtype=dtype,
+                offset=offset,
+                state2=state2,
+            )
+            return bnbf.dequantize_4bit(self._buffer(proj, "data")[expert], state)
+        if self.quantization == "int8":
+            data, scale = self._buffer(proj, "data")[expert], self._buffer(proj, "scale")[expert]
+            return bnbf.int8_vectorwise_dequant(data, scale).to(dtype)
+        return self._buffer(proj, "weight")[expert].to(dtype)
+
+    def dequantized_stack(self, proj: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole [E, out, in] stack (for references, tests and merges only; never used in training)."""
+        return torch.stack([self.dequantize(proj, e, dtype) for e in range(self.num_experts)])
+
+    @property
+    def num_base_params(self) -> int:
+        return self.num_experts * sum(r * c for r, c in self.shapes.values())
+
+    # ---- compute -------------------------------------------------------------------------------------------------
+
+    def _linear(self, x: torch.Tensor, proj: str, expert: int) -> torch.Tensor:
+        if self.quantization == "none":
+            # buffer weight: autograd keeps a reference (no copy) and computes only the input gradient
+            return x @ self._buffer(proj, "weight")[expert].to(x.dtype).t()
+        return _DequantLinear.apply(x, self, proj, expert)
+
+    @staticmethod
+    def _lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Split-style LoRA (x·A_e^T)·B_e^T·s, computed in the adapter dtype like PEFT, never forming B·A."""
+        xa = x.to(a.dtype) @ a.t()
+        return ((xa @ b.t()) * scaling).to(x.dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        expert_lora: dict[str, ExpertLoraFactors] | None = None,
+    ) -> torch.Tensor:
+        top_k = top_k_index.shape[1]
+        flat_expert = top_k_index.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        token_idx = order // top_k
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # the one host sync
+        x_sorted = hidden_states[token_idx]
+        weights_sorted = top_k_weights.reshape(-1)[order]
+
+        lora = {}
+        for proj, factors in (expert_lora or {}).items():
+            lora[proj] = (*factors.per_expert(), factors.scaling)
+
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts[: self.num_experts]):
+            if count == 0:
+                continue
+            x = x_sorted[start : start + count]
+            start += count
+            gate_up = self._linear(x, "gate_up_proj", expert)
+            if "gate_up_proj" in lora:
+                a, b, s = lora["gate_up_proj"]
+                gate_up = gate_up + self._lora(x, a[expert], b[expert], s)
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.act_fn(gate) * up
+            y = self._linear(h, "down_proj", expert)
+            if "down_proj" in lora:
+                a, b, s = lora["down_proj"]
+                y = y + self._lora(h, a[expert], b[expert], s)
+            outputs.append(y)
+        if not outputs:
+            return torch.zeros_like(hidden_states)
+        routed = sum(counts[: self.num_experts])  # index == num_experts marks a dropped slot, sorted last
+        y_sorted = (torch.cat(outputs) * weights_sorted[:routed, None]).to(hidden_states.dtype)
+        return torch.zeros_like(hidden_states).index_add(0, token_idx[:routed], y_sorted)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden={self.hidden_dim}, ffn={self.intermediate_dim}, "
+            f"quantization={self.quantization}, blocksize={self.blocksize}, double_quant={self.double_quant}"
+        )
