@@ -1,0 +1,51 @@
+"""Content hashes, deterministic splits and exact-duplicate removal.
+
+Splits hash each record's canonical content with the seed, so the same input and seed give the same split in any
+order. Dedupe compares content after normalising whitespace and case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+_WS = re.compile(r"\s+")
+
+
+def content_hash(record: dict[str, Any]) -> str:
+    """Hash of a canonical record's content (messages, or prompt/chosen/rejected); metadata like `where` ignored."""
+    content = {k: record[k] for k in ("messages", "prompt", "chosen", "rejected") if k in record}
+    blob = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def normalized_hash(record: dict[str, Any]) -> str:
+    """Like `content_hash` after collapsing whitespace and lower-casing every string."""
+
+    def norm(x):
+        if isinstance(x, str):
+            return _WS.sub(" ", x).strip().lower()
+        if isinstance(x, list):
+            return [norm(v) for v in x]
+        if isinstance(x, dict):
+            return {k: norm(v) for k, v in x.items()}
+        return x
+
+    content = {k: norm(record[k]) for k in ("messages", "prompt", "chosen", "rejected") if k in record}
+    blob = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def in_eval(chash: str, seed: int, fraction: float) -> bool:
+    """Deterministic membership of the eval split from the content hash and the seed."""
+    if fraction <= 0:
+        return False
+    h = hashlib.sha1(f"{seed}:{chash}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def count_duplicates(hashes: list[str]) -> int:
+    """How many records repeat an earlier one."""
+    return len(hashes) - len(set(hashes))

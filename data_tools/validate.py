@@ -1,0 +1,139 @@
+"""Validation with exact locations: every bad record becomes `FILE:LINE: reason`, all reported at once.
+
+The same functions feed `finetune data validate` and `prepare_sft_data`, so a file that validates clean is a file
+that trains.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_tools.errors import DataError
+from data_tools.formats import (
+    PREFERENCE_FORMATS,
+    Problem,
+    detect_format,
+    to_conversation,
+    to_preference,
+)
+from data_tools.io import RawRecord, read_records
+
+REASON_TEXT = {
+    "invalid_json": "invalid JSON",
+    "missing_field": "missing field",
+    "empty_content": "empty content",
+    "non_string_content": "non-string content",
+    "roles_not_alternating": "roles do not alternate",
+    "no_assistant": "no assistant turn",
+    "unknown_role": "unknown role",
+    "identical_pair": "identical chosen and rejected",
+    "too_long": "longer than max_length (would be truncated)",
+}
+
+
+def check_conversation(messages: list[dict[str, str]]) -> None:
+    """Order rules: an optional leading system message, then user/assistant alternating, ending with the assistant.
+
+    A lone assistant message is plain text (trained on entirely).
+    """
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not any(m["role"] == "assistant" for m in body):
+        raise Problem("no_assistant", "no assistant turn")
+    if len(body) == 1:
+        return
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            number = i + 1 + (len(messages) - len(body))
+            raise Problem(
+                "roles_not_alternating",
+                f"roles must alternate user/assistant: message {number} is {m['role']!r}, expected {expected!r}",
+            )
+    if body[-1]["role"] != "assistant":
+        raise Problem("roles_not_alternating", "the last message must be from the assistant")
+
+
+def check_prompt(prompt: list[dict[str, str]]) -> None:
+    """A preference prompt is a conversation that ends with the user turn being answered."""
+    body = prompt[1:] if prompt and prompt[0]["role"] == "system" else prompt
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise Problem(
+                "roles_not_alternating", f"prompt roles must alternate user/assistant: message {i + 1} is {m['role']!r}"
+            )
+    if not body or body[-1]["role"] != "user":
+        raise Problem("roles_not_alternating", "the prompt must end with a user message")
+
+
+@dataclass
+class Loaded:
+    """Valid canonical records (each with `where`) and the problems of the rest."""
+
+    format: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (reason code, "FILE:LINE: detail")
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(reason for reason, _ in self.problems)
+
+
+def source_format(raw: list[RawRecord], fmt: str, name: str) -> str:
+    """The named format, or the one the first parseable record's keys suggest."""
+    if fmt != "auto":
+        return fmt
+    first = next((r.data for r in raw if r.data is not None), None)
+    if first is None:
+        return "messages"  # nothing parseable: every record is reported as invalid anyway
+    detected = detect_format(first)
+    if detected is None:
+        raise DataError(
+            f"cannot detect the format of {name} (first record has keys: {', '.join(sorted(first)) or 'none'}); "
+            "set format: alpaca|sharegpt|messages|prompt_completion|text|preference|hh_rlhf"
+        )
+    return detected
+
+
+def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = "conversation") -> Loaded:
+    """Read, convert and validate one source. kind: `conversation` (SFT), `preference` (DPO) or `auto` (the format's own)."""
+    raw = list(read_records(path, split))
+    fmt = source_format(raw, fmt, path)
+    if kind == "auto":
+        kind = "preference" if fmt in PREFERENCE_FORMATS else "conversation"
+    if kind == "preference" and fmt not in PREFERENCE_FORMATS:
+        raise DataError(
+            f"{path} is in {fmt!r} format, which has no chosen/rejected pairs; use preference or hh_rlhf data"
+        )
+    loaded = Loaded(format=fmt)
+    for r in raw:
+        if r.error is not None:
+            loaded.problems.append(("invalid_json", f"{r.where}: {r.error}"))
+            continue
+        try:
+            if kind == "preference":
+                pair = to_preference(r.data, fmt)
+                check_prompt(pair["prompt"])
+                loaded.records.append({**pair, "where": r.where})
+            else:
+                messages = to_conversation(r.data, fmt)
+                check_conversation(messages)
+                loaded.records.append({"messages": messages, "where": r.where})
+        except Problem as p:
+            loaded.problems.append((p.reason, f"{r.where}: {p.detail}"))
+    return loaded
+
+
+def raise_or_report(loaded: Loaded, skip_invalid: bool, echo=print) -> None:
+    """Stop on bad records (all listed at once), or with skip_invalid say how many were skipped and why."""
+    if not loaded.problems:
+        return
+    if not skip_invalid:
+        raise DataError(
+            f"{len(loaded.problems)} invalid record(s) (set data.skip_invalid: true to skip and count them)",
+            [line for _, line in loaded.problems],
+        )
+    summary = ", ".join(f"{REASON_TEXT.get(k, k)}: {v}" for k, v in sorted(loaded.counts.items()))
+    echo(f"skipped {len(loaded.problems)} invalid record(s) ({summary}); first: {loaded.problems[0][1]}")

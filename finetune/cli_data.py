@@ -1,0 +1,308 @@
+"""`finetune data …`: validate, convert, tokenize, preview, stats, split, dedupe.
+
+Every command turns bad input into `error: …` on stderr and exit code 2 (no traceback), refuses to overwrite an
+existing output without --overwrite, and never writes over its input.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Prepare data: validate, convert, tokenize, preview, stats, split, dedupe", no_args_is_help=True)
+
+FormatOpt = Annotated[
+    str, typer.Option("--format", help="auto|alpaca|sharegpt|messages|prompt_completion|text|preference|hh_rlhf")
+]
+RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (its model tokenizer and data settings)")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file")]
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "hh_rlhf")
+
+
+def guarded(fn):
+    """Bad input → one-line error and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from data_tools.errors import DataError
+        from finetune.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, UserError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _check_format(fmt: str) -> None:
+    from data_tools.errors import DataError
+
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def load_context(recipe: Path):
+    """(DataConfig, tokenizer, model_dir) of a recipe."""
+    from finetune.model import load_tokenizer, resolve_model_dir
+    from finetune.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    model_dir = resolve_model_dir(r.model.path)
+    return r.data, load_tokenizer(model_dir), model_dir
+
+
+def _tokenized(file: str, fmt: str, recipe: Path, *, strict: bool | None = None):
+    """Load, validate and tokenise one file with a recipe's settings → (cfg, tokenizer, loaded, dataset)."""
+    from data_tools.pipeline import format_spec, tokenize_records
+    from data_tools.validate import load_source, raise_or_report
+
+    cfg, tokenizer, model_dir = load_context(recipe)
+    loaded = load_source(file, fmt, kind="conversation")
+    raise_or_report(loaded, cfg.skip_invalid if strict is None else not strict, echo=lambda m: typer.echo(m, err=True))
+    spec = format_spec(cfg, tokenizer, model_dir)
+    ds = tokenize_records(loaded.records, spec, tokenizer, cfg.max_length, num_proc=cfg.num_proc)
+    return cfg, tokenizer, loaded, ds
+
+
+@app.command()
+@guarded
+def validate(
+    files: Annotated[list[str], typer.Argument(help="Data files or folders (jsonl, json, parquet, csv)")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Also count records over max_length")] = None,
+    fmt: FormatOpt = "auto",
+) -> None:
+    """Report every bad record as FILE:LINE: reason; exit 2 when any record is invalid."""
+    from data_tools.validate import REASON_TEXT, load_source
+
+    _check_format(fmt)
+    counts: Counter = Counter()
+    total = 0
+    too_long: list[str] = []
+    context = load_context(recipe) if recipe is not None else None
+    for file in files:
+        loaded = load_source(file, fmt, kind="auto")
+        total += len(loaded.records) + len(loaded.problems)
+        counts.update(loaded.counts)
+        for _, line in loaded.problems:
+            typer.echo(line)
+        if context is not None and loaded.records and "messages" in loaded.records[0]:
+            from data_tools.pipeline import format_spec, tokenize_records
+
+            cfg, tokenizer, model_dir = context
+            spec = format_spec(cfg, tokenizer, model_dir)
+            ds = tokenize_records(loaded.records, spec, tokenizer, cfg.max_length, num_proc=cfg.num_proc)
+            for where, n in zip(ds["where"], ds["length"], strict=True):
+                if n > cfg.max_length:
+                    too_long.append(f"{where}: {n} tokens > max_length {cfg.max_length} (would be truncated)")
+    for line in too_long:
+        typer.echo(line)
+    bad = sum(counts.values())
+    typer.echo(f"{total} records, {total - bad} valid, {bad} invalid")
+    for reason, n in sorted(counts.items()):
+        typer.echo(f"  {REASON_TEXT.get(reason, reason)}: {n}")
+    if recipe is not None:
+        typer.echo(f"  {REASON_TEXT['too_long']}: {len(too_long)} (warning)")
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+@guarded
+def convert(
+    src: Annotated[str, typer.Argument(help="Input file or folder")],
+    to: Annotated[str, typer.Option("--to", help="messages | preference")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl")],
+    fmt: FormatOpt = "auto",
+    skip_invalid: Annotated[bool, typer.Option(help="Skip (and count) invalid records")] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Convert to the canonical conversation (messages) or preference (prompt/chosen/rejected) form."""
+    from data_tools.errors import DataError
+    from data_tools.io import check_output, resolve_path, write_jsonl
+    from data_tools.validate import load_source, raise_or_report
+
+    _check_format(fmt)
+    if to not in ("messages", "preference"):
+        raise DataError(f"--to must be messages or preference, not {to!r}")
+    inputs = [p for p in [resolve_path(src)] if p is not None]
+    check_output(out, overwrite, inputs)
+    loaded = load_source(src, fmt, kind="conversation" if to == "messages" else "preference")
+    raise_or_report(loaded, skip_invalid, echo=lambda m: typer.echo(m, err=True))
+    keys = ("messages",) if to == "messages" else ("prompt", "chosen", "rejected")
+    n = write_jsonl(out, ({k: r[k] for k in keys} for r in loaded.records), overwrite, inputs)
+    typer.echo(f"wrote {n} records ({loaded.format} → {to}) to {out}")
+
+
+@app.command()
+@guarded
+def tokenize(
+    file: Annotated[str, typer.Argument(help="Data file or folder")],
+    recipe: RecipeOpt,
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl")],
+    fmt: FormatOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write input_ids and labels (before packing) per input record, in input order."""
+    from data_tools.io import check_output, resolve_path, write_jsonl
+
+    _check_format(fmt)
+    inputs = [p for p in [resolve_path(file)] if p is not None]
+    check_output(out, overwrite, inputs)
+    _, _, _, ds = _tokenized(file, fmt, recipe)
+    rows = ({"where": r["where"], "input_ids": r["input_ids"], "labels": r["labels"]} for r in ds)
+    n = write_jsonl(out, rows, overwrite, inputs)
+    typer.echo(f"wrote {n} tokenised records to {out}")
+
+
+@app.command()
+@guarded
+def preview(
+    file: Annotated[str, typer.Argument(help="Data file or folder")],
+    recipe: RecipeOpt,
+    n: Annotated[int, typer.Option("-n", help="How many records to show")] = 3,
+    fmt: FormatOpt = "auto",
+) -> None:
+    """Show formatted records; tokens that carry loss are highlighted in green, masked ones are dim."""
+    from rich.console import Console
+    from rich.text import Text
+
+    _, tokenizer, _, ds = _tokenized(file, fmt, recipe)
+    console = Console()
+    for row in ds.select(range(min(n, len(ds)))):
+        ids, labels = row["input_ids"], row["labels"]
+        text = Text()
+        start, shown = 0, ""
+        for i in range(1, len(ids) + 1):  # decode prefixes at mask changes, so spaces between runs survive
+            if i == len(ids) or (labels[i] == -100) != (labels[start] == -100):
+                upto = tokenizer.decode(ids[:i])
+                text.append(upto[len(shown) :], style="dim" if labels[start] == -100 else "bold black on green")
+                start, shown = i, upto
+        trained = sum(label != -100 for label in labels)
+        console.rule(f"{row['where']}  ({len(ids)} tokens, {trained} trained)")
+        console.print(text)
+    console.print("[bold black on green]trained[/]  [dim]masked (-100)[/]")
+
+
+@app.command()
+@guarded
+def stats(
+    file: Annotated[str, typer.Argument(help="Data file or folder")],
+    recipe: RecipeOpt,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a length histogram PNG here")] = None,
+    fmt: FormatOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON")] = False,
+) -> None:
+    """Record count, token-length percentiles and histogram, truncation, tokens per role, duplicates."""
+    import numpy as np
+
+    from data_tools.stats import dataset_stats, histogram, plot_lengths
+
+    cfg, _, _, ds = _tokenized(file, fmt, recipe)
+    s = dataset_stats(ds, cfg.max_length)
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+    else:
+        typer.echo(f"records: {s['records']}   tokens: {s['tokens']}   duplicates: {s['duplicates']}")
+        pct = "  ".join(f"{k} {v:.0f}" for k, v in s["length_percentiles"].items())
+        typer.echo(f"length: min {s['length_min']}  mean {s['length_mean']:.1f}  {pct}  max {s['length_max']}")
+        typer.echo(f"truncated at max_length {cfg.max_length}: {s['truncated']}")
+        typer.echo("tokens per role: " + "  ".join(f"{k} {v}" for k, v in s["tokens_per_role"].items()))
+        buckets = histogram(np.asarray(ds["length"]))
+        peak = max((c for _, _, c in buckets), default=1)
+        for lo, hi, c in buckets:
+            typer.echo(f"  {lo:>6}-{hi:<6} {c:>7} {'█' * max(1 if c else 0, round(40 * c / peak))}")
+    if plot is not None:
+        plot_lengths(np.asarray(ds["length"]), cfg.max_length, plot)
+        typer.echo(f"wrote {plot}")
+
+
+def _raw_and_hash(file: str, fmt: str):
+    """(raw record, canonical content hash, normalised hash) for every record; invalid records stop the command."""
+    from data_tools.errors import DataError
+    from data_tools.formats import PREFERENCE_FORMATS, Problem, to_conversation, to_preference
+    from data_tools.hygiene import content_hash, normalized_hash
+    from data_tools.io import read_records
+    from data_tools.validate import source_format
+
+    raw = list(read_records(file))
+    fmt = source_format(raw, fmt, file)
+    out, problems = [], []
+    for r in raw:
+        if r.error:
+            problems.append(f"{r.where}: {r.error}")
+            continue
+        try:
+            canon = (
+                to_preference(r.data, fmt) if fmt in PREFERENCE_FORMATS else {"messages": to_conversation(r.data, fmt)}
+            )
+        except Problem as p:
+            problems.append(f"{r.where}: {p.detail}")
+            continue
+        out.append((r.data, content_hash(canon), normalized_hash(canon)))
+    if problems:
+        raise DataError(f"{len(problems)} invalid record(s); fix them first (see `finetune data validate`)", problems)
+    return out
+
+
+@app.command()
+@guarded
+def split(
+    file: Annotated[str, typer.Argument(help="Data file or folder")],
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Fraction held out for eval (0-1)")],
+    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for train.jsonl and eval.jsonl")],
+    seed: Annotated[int, typer.Option("--seed", help="Split seed")] = 0,
+    fmt: FormatOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Deterministic split by content hash: the same input and seed give the same split, in any order."""
+    from data_tools.errors import DataError
+    from data_tools.hygiene import in_eval
+    from data_tools.io import check_output, resolve_path, write_jsonl
+
+    _check_format(fmt)
+    if not 0 < eval_fraction < 1:
+        raise DataError(f"--eval-fraction must be between 0 and 1, not {eval_fraction}")
+    inputs = [p for p in [resolve_path(file)] if p is not None]
+    train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    for p in (train_path, eval_path):
+        check_output(p, overwrite, inputs)
+    rows = _raw_and_hash(file, fmt)
+    held = [in_eval(h, seed, eval_fraction) for _, h, _ in rows]
+    n_train = write_jsonl(train_path, (r for (r, _, _), e in zip(rows, held, strict=True) if not e), overwrite, inputs)
+    n_eval = write_jsonl(eval_path, (r for (r, _, _), e in zip(rows, held, strict=True) if e), overwrite, inputs)
+    typer.echo(f"train: {n_train} records → {train_path}\neval: {n_eval} records → {eval_path}")
+
+
+@app.command()
+@guarded
+def dedupe(
+    file: Annotated[str, typer.Argument(help="Data file or folder")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl")],
+    fmt: FormatOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Drop exact duplicates (after normalising whitespace and case), keeping the first occurrence."""
+    from data_tools.io import check_output, resolve_path, write_jsonl
+
+    _check_format(fmt)
+    inputs = [p for p in [resolve_path(file)] if p is not None]
+    check_output(out, overwrite, inputs)
+    rows = _raw_and_hash(file, fmt)
+    seen: set[str] = set()
+    kept = []
+    for raw, _, norm in rows:
+        if norm not in seen:
+            seen.add(norm)
+            kept.append(raw)
+    n = write_jsonl(out, kept, overwrite, inputs)
+    typer.echo(f"kept {n} of {len(rows)} records ({len(rows) - n} duplicates removed) → {out}")
