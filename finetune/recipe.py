@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_tools.config import DataConfig
 from finetune.errors import UserError
-from finetune.recipe_errors import format_validation_error, path_problems
+from finetune.recipe_errors import closest, format_validation_error, path_problems
 
 SCHEDULERS = (
     "linear",
@@ -248,7 +247,7 @@ def extra_problems(data: dict[str, Any]) -> list[str]:
         if name in OWNED_TRAINER_ARGS:
             problems.append(f"training.extra.{name}: set by the recipe; use {OWNED_TRAINER_ARGS[name]} instead")
         elif name not in fields:
-            hint = get_close_matches(str(name), sorted(fields), n=1)
+            hint = closest(str(name), sorted(fields))
             suggestion = f" (did you mean {hint[0]}?)" if hint else ""
             problems.append(f"training.extra.{name}: not an argument of trl.{config_name}{suggestion}")
     return problems

@@ -64,7 +64,7 @@ def format_validation_error(error: ValidationError, root: type[BaseModel]) -> li
         if kind == "extra_forbidden":
             owner = model_at(root, loc)
             valid = sorted(owner.model_fields) if owner else []
-            hint = get_close_matches(str(loc[-1]), valid, n=1)
+            hint = closest(str(loc[-1]), valid)
             fix = f"did you mean {dotted((*loc[:-1], hint[0]))}?" if hint else f"valid keys here: {', '.join(valid)}"
             lines.append(f"{key}: unknown key; {fix}")
         elif kind == "missing":
@@ -77,6 +77,15 @@ def format_validation_error(error: ValidationError, root: type[BaseModel]) -> li
         else:
             lines.append(f"{key}: got {short(err.get('input'))}; {err['msg'].lower()}")
     return dedupe(lines)
+
+
+def closest(name: str, valid: list[str]) -> list[str]:
+    """The most likely intended key: a close spelling, else a key that is a prefix of the name or vice versa."""
+    hint = get_close_matches(name, valid, n=1)
+    if hint:
+        return hint
+    related = [v for v in valid if name.startswith(v) or v.startswith(name)]
+    return sorted(related, key=len, reverse=True)[:1]
 
 
 def dedupe(lines: list[str]) -> list[str]:

@@ -123,8 +123,9 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
     """Train one recipe end to end and return the metrics written to metrics.json."""
     if recipe.method != "sft":
         raise UserError(f"method: {recipe.method!r} is not available yet in this version; use method: sft")
-    from data_tools.pipeline import prepare_sft_data
     from trl import SFTConfig, SFTTrainer
+
+    from data_tools.pipeline import prepare_sft_data
 
     started = time.time()
     output_dir = Path(recipe.output_dir)

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from finetune.recipe import load_recipe
+from finetune.tiny import TinySpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -73,7 +74,12 @@ def test_run_writes_the_output_contract(finished_run):
         assert metrics.get(key) is not None, key
     assert metrics["steps"] == 12 and metrics["tokens_trained"] > 0
     assert metrics["versions"]["transformers"].startswith("5.")
-    assert 0.5 < metrics["quantized_fraction"] < 1.0
+    spec = TinySpec()
+    head_dim = spec.hidden_size // spec.heads
+    attention = spec.layers * 2 * spec.hidden_size * head_dim * (spec.heads + spec.kv_heads)
+    experts = spec.layers * spec.experts * 3 * spec.hidden_size * spec.intermediate_size
+    other = 2 * 32000 * spec.hidden_size + spec.layers * (spec.experts + 2) * spec.hidden_size + spec.hidden_size
+    assert metrics["quantized_fraction"] == pytest.approx((attention + experts) / (attention + experts + other))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in row for row in lines)
     assert any(any(k.startswith("moe/") for k in row) for row in lines), "expert-load metrics are logged"
@@ -115,9 +121,8 @@ def test_run_with_bad_recipe_touches_nothing(tmp_path):
 
 def test_training_leaves_base_weights_unchanged(tmp_path, tiny_model_dir):
     """In process: every base tensor after training equals a fresh load; only LoRA tensors changed."""
-    from finetune.moe.loading import load_mixtral
-
     import finetune.train as train_mod
+    from finetune.moe.loading import load_mixtral
 
     recipe = load_recipe(
         TINY,
