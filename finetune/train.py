@@ -24,14 +24,19 @@ from finetune.tracking import TrackingCallback, make_tracker
 FINISHED_MARKERS = ("metrics.json", "adapter")
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to write over a finished run unless asked; with --overwrite, clear only what a run writes."""
+def finished_run_markers(output_dir: Path, overwrite: bool) -> list[str]:
+    """Refuse to write over a finished run unless asked; returns what a later `clear_output_dir` will replace."""
     finished = [m for m in FINISHED_MARKERS if (output_dir / m).exists()]
     if finished and not overwrite:
         raise UserError(
             f"output_dir: {output_dir} already holds a finished run ({', '.join(finished)}); "
             "pass --overwrite to replace it, or set output_dir to a new folder (e.g. --set output_dir=...)"
         )
+    return finished
+
+
+def clear_output_dir(output_dir: Path, finished: list[str]) -> None:
+    """With --overwrite, remove only what a run writes, and only once data and model have loaded."""
     if finished:
         for name in (*FINISHED_MARKERS, "metrics.jsonl", "recipe.yaml", "checkpoints"):
             target = output_dir / name
@@ -129,7 +134,7 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
 
     started = time.time()
     output_dir = Path(recipe.output_dir)
-    prepare_output_dir(output_dir, overwrite)
+    finished = finished_run_markers(output_dir, overwrite)
     torch.manual_seed(recipe.training.seed)
 
     # data is validated and tokenised before the model is loaded: a bad record costs seconds, not a model load
@@ -146,6 +151,7 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         print(line)
     model = loaded.model
 
+    clear_output_dir(output_dir, finished)
     (output_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     tracker = make_tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"))
     expert_load = None

@@ -163,3 +163,43 @@ def test_training_leaves_base_weights_unchanged(tmp_path, tiny_model_dir):
     assert compared > 20
     changed = [n for n, before in captured["lora_before"].items() if not torch.equal(before, model.get_parameter(n))]
     assert any(".mlp.experts." in n for n in changed) and any(".self_attn." in n for n in changed)
+
+
+def test_run_with_bad_data_reports_file_and_line_and_touches_nothing(tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    good = '{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}'
+    data.write_text(f"{good}\n{{not json\n{good}\n")
+    out = tmp_path / "out"
+    result = cli(
+        "run",
+        str(TINY),
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"data.train.0.path={data}",
+        "--set",
+        "data.eval_fraction=0",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{data}:2:" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_tiny_model_command_writes_a_loadable_mixtral(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = tmp_path / "tiny"
+    result = cli("tiny-model", "--output", str(out), "--hidden-size", "32", "--layers", "1", "--experts", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = AutoConfig.from_pretrained(out)
+    assert (config.model_type, config.hidden_size, config.num_local_experts, config.num_experts_per_tok) == (
+        "mixtral",
+        32,
+        4,
+        2,
+    )
+    assert len(AutoTokenizer.from_pretrained(out)) == 32000
+    again = cli("tiny-model", "--output", str(out))
+    assert again.returncode == 2 and "already holds a model" in again.stderr

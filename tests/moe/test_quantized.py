@@ -17,10 +17,11 @@ def test_forward_matches_stock_mixtral_with_dequantized_weights(tiny_dir, stock_
     stock = stock_from(ours)
     ids = torch.randint(0, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (ours(ids).logits - stock(ids).logits).abs().max().item()
+        reference = stock(ids).logits
+        diff = (ours(ids).logits - reference).abs().max().item() / reference.abs().max().item()
     # int8 attention runs bitsandbytes' LLM.int8 matmul (activations quantised too), so only int8 is approximate
-    tolerance = {"none": 1e-5, "nf4": 1e-4, "fp4": 1e-4, "int8": 5e-2}[quantization]
-    assert diff < tolerance, f"{quantization}: max |logit diff| {diff}"
+    tolerance = {"none": 1e-6, "nf4": 1e-5, "fp4": 1e-5, "int8": 2e-2}[quantization]
+    assert diff < tolerance, f"{quantization}: max |logit diff| / max |logit| = {diff}"
     assert report.quantization == quantization
     assert (report.quantized_fraction > 0) == (quantization != "none")
 
