@@ -1,0 +1,518 @@
+"""QLoRA on a Mixtral-shaped model: our NF4 experts against two stock bitsandbytes + PEFT baselines, in one run.
+
+Variants (each loads in a fresh subprocess so peak-memory readings don't mix):
+  ours           finetune.moe load_mixtral(quantization="nf4") + apply_lora (attention + both expert projections)
+  stock          (a) from_pretrained(BitsAndBytesConfig 4-bit) + PEFT target_parameters; bnb only replaces
+                 nn.Linear, so the experts silently stay 16-bit (bitsandbytes #1849)
+  dequant        (b) stock load, then bitsandbytes' replace_parameter_4bit on every expert parameter, + PEFT
+                 target_parameters made to work (see `apply_peft_dequant`)
+  dequant-naive  (b) with the obvious PEFT config, applied (and unloaded again) inside the dequant run: it
+                 attaches no expert LoRA, so it is counted and refused, never timed
+
+Every variant's trainable expert-LoRA parameters are counted before anything is timed, and the warm-up step checks
+that they actually receive gradients. A variant with none is refused, with the reason printed.
+
+    python bench/bench_moe.py                  # CPU, Mixtral-shaped 4 layers, bf16: ~9 min on 2 busy cores
+    python bench/bench_moe.py --quick --out /tmp/x.json   # tiny smoke run, ~30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, fmt_bytes, fmt_rate, fmt_ratio, markdown_table, write_json
+
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_PARAMS = ["gate_up_proj", "down_proj"]
+VARIANTS = ["ours", "stock", "dequant"]
+LABELS = {
+    "ours": "ours: NF4 experts + expert LoRA",
+    "stock": "(a) stock bnb 4-bit + PEFT",
+    "dequant": "(b) bnb parametrize + PEFT (fixed)",
+    "dequant-naive": "(b) bnb parametrize + PEFT (naive)",
+}
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "bench_moe.json"
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 1024
+    ffn: int = 3584
+    layers: int = 4
+    experts: int = 8
+    top_k: int = 2
+    heads: int = 16
+    kv_heads: int = 4
+    vocab: int = 32000
+
+    def config(self):
+        from transformers import MixtralConfig
+
+        return MixtralConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.ffn,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            num_local_experts=self.experts,
+            num_experts_per_tok=self.top_k,
+            max_position_embeddings=8192,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
+
+    def active_params_per_token(self) -> int:
+        """Matmul weights one token passes through: attention, router, top-k experts, lm_head (no embedding)."""
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.heads * head_dim + 2 * self.hidden * self.kv_heads * head_dim
+        experts = self.top_k * 3 * self.hidden * self.ffn
+        return self.layers * (attention + self.hidden * self.experts + experts) + self.hidden * self.vocab
+
+
+QUICK_SHAPE = Shape(hidden=64, ffn=128, layers=2, experts=8, top_k=2, heads=4, kv_heads=2, vocab=2048)
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+
+
+def write_model(
+    work_dir: str | Path, shape: Shape, *, device: str = "cpu", seed: int = 0, max_shard_size: str = "200MB"
+) -> Path:
+    """Write a seeded random bf16 Mixtral in several safetensors shards once; reuse it when the shape matches."""
+    from transformers import MixtralForCausalLM
+
+    target = Path(work_dir) / ("mixtral-" + "-".join(f"{k}{v}" for k, v in asdict(shape).items()))
+    if (target / "shape.json").exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = MixtralForCausalLM(shape.config()).to(torch.bfloat16)
+    model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+    del model
+    (tmp / "shape.json").write_text(json.dumps(asdict(shape)) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    tensors = [state.absmax, state.code]
+    if getattr(state, "offset", None) is not None:
+        tensors.append(state.offset)
+    if getattr(state, "state2", None) is not None:
+        tensors += [state.state2.absmax, state.state2.code]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Parameters + buffers + bitsandbytes quant states (Params4bit and parametrizations keep those outside both)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        if getattr(module, "quant_state", None) is not None:  # Bnb4bitParametrization
+            tensors += _quant_state_tensors(module.quant_state)
+    for param in model.parameters():
+        if getattr(param, "quant_state", None) is not None:  # bnb Params4bit
+            tensors += _quant_state_tensors(param.quant_state)
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def expert_wide_params(model: torch.nn.Module) -> int:
+    """Frozen expert weights still held as 16/32-bit floats (the baseline-(a) trap); LoRA factors excluded."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        leaf = name.rpartition(".")[2]
+        if any(s in leaf for s in ("absmax", "code", "quant_map", "offset", "scale")):
+            continue  # quantisation statistics, not weights
+        if ".experts." in name and "lora_" not in name and t.is_floating_point():
+            total += t.numel()
+    return total
+
+
+def count_trainable(model: torch.nn.Module) -> dict[str, int]:
+    counts = {"attention_lora": 0, "expert_lora": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".experts." in name or name.endswith(".experts"):
+            counts["expert_lora"] += p.numel()
+        elif any(f".{t}." in name for t in ATTENTION_TARGETS):
+            counts["attention_lora"] += p.numel()
+        else:
+            counts["other"] += p.numel()
+    return counts
+
+
+def expert_lora_with_grad(model: torch.nn.Module) -> int:
+    return sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and ".experts." in n and p.grad is not None
+    )
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------- variants
+
+
+def _bnb_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_variant(variant: str, model_dir: Path, device: str, dtype: torch.dtype):
+    """Load the base model the way each variant would; returns (model, extra report fields)."""
+    if variant == "ours":
+        from finetune.moe.loading import load_mixtral
+
+        model, report = load_mixtral(str(model_dir), quantization="nf4", dtype=dtype, device=device)
+        return model, {"report_model_bytes": report.model_bytes, "report_quantized_fraction": report.quantized_fraction}
+    from transformers import AutoModelForCausalLM
+
+    target = torch.device(device)
+    device_map = {"": target.index or 0} if target.type == "cuda" else {"": target.type}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), quantization_config=_bnb_config(dtype), dtype=dtype, device_map=device_map
+    )
+    if variant in ("dequant", "dequant-naive"):
+        from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+        for module in _experts_modules(model):
+            for name in EXPERT_PARAMS:
+                replace_parameter_4bit(module, name, compress_statistics=True, quant_type="nf4", blocksize=64)
+        gc.collect()
+    return model, {}
+
+
+def _experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    # isinstance, not the class name: parametrizing swaps the class for a `ParametrizedMixtralExperts` subclass
+    return [m for m in model.modules() if isinstance(m, MixtralExperts)]
+
+
+def apply_peft_dequant(model: torch.nn.Module, lora_config_kwargs: dict[str, Any]):
+    """PEFT expert LoRA over bnb-parametrized expert weights, with the three things that break it worked around.
+
+    1. Matching: PEFT matches `target_parameters` by suffix only for plain parameters; a parametrized one must be
+       named by its full module path, else nothing is attached (silently, 0 expert LoRA parameters).
+    2. Stale proxies: PEFT removes its per-forward `_LoraFactorsProxy` only when it is the sole parametrization, so
+       on top of bnb's it stays, and the next forward fails. A forward hook on each wrapper removes it.
+    3. Cached weight: the outer wrapper's `parametrize.cached()` caches the inner wrapper's parameter before the
+       inner proxy is registered, so the inner projection's LoRA gets no gradient (silently). A pre-hook on the
+       experts module drops that cache entry set so the weight is recomputed with both proxies.
+    """
+    import torch.nn.utils.parametrize as parametrize
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import ParamWrapper, _LoraFactorsProxy
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, MixtralExperts):
+            names += [f"{module_name}.{p}" for p in EXPERT_PARAMS]
+    peft_model = get_peft_model(model, LoraConfig(target_parameters=names, **lora_config_kwargs))
+
+    def drop_stale_proxy(wrapper, args, output):
+        chain = wrapper.get_base_layer().parametrizations[wrapper.parameter_name]
+        for i in reversed(range(len(chain))):
+            if isinstance(chain[i], _LoraFactorsProxy):
+                del chain[i]
+
+    def recompute_cached_weights(module, args):
+        parametrize._cache.clear()
+
+    for module in peft_model.modules():
+        if isinstance(module, ParamWrapper):
+            module.register_forward_hook(drop_stale_proxy, always_call=True)
+    for module in _experts_modules(peft_model):
+        module.register_forward_pre_hook(recompute_cached_weights)
+    return peft_model
+
+
+def apply_variant_lora(variant: str, model: torch.nn.Module, r: int, alpha: int):
+    if variant == "ours":
+        from finetune.moe.lora import apply_lora
+
+        return apply_lora(
+            model, attention_targets=ATTENTION_TARGETS, r=r, alpha=alpha, dropout=0.0, expert_targets=EXPERT_PARAMS,
+            expert_r=r, expert_alpha=alpha,
+        )  # fmt: skip
+    kwargs = {"r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": ATTENTION_TARGETS}
+    if variant == "dequant":
+        return apply_peft_dequant(model, kwargs)
+    from peft import LoraConfig, get_peft_model
+
+    # the obvious config, as for a plain model: works for (a), attaches nothing to (b)'s parametrized experts
+    return get_peft_model(model, LoraConfig(target_parameters=[f"mlp.experts.{p}" for p in EXPERT_PARAMS], **kwargs))
+
+
+# --------------------------------------------------------------------------------------------- one variant
+
+
+def _preimport(variant: str) -> None:
+    import bitsandbytes.nn.parametrize  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.models.mixtral.modeling_mixtral  # noqa: F401
+
+    if variant == "ours":
+        import finetune.moe.loading
+        import finetune.moe.lora  # noqa: F401
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Load, count, train and measure one variant in this process (called in a fresh subprocess).
+
+    Returns its result rows: the dequant variant first adds a row for the naive PEFT config on the same model.
+    """
+    from finetune.memory import PeakMemory
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    result: dict[str, Any] = {"variant": variant, "label": LABELS[variant], "status": "ok"}
+    _preimport(variant)  # so the load peak is the load's, not the imports'
+    gc.collect()
+    with PeakMemory(device) as load_mem:
+        t0 = time.perf_counter()
+        model, extra = load_variant(variant, Path(args.model_dir), device, dtype)
+        _sync(device)
+        result["load_s"] = time.perf_counter() - t0
+    result.update(extra)
+    result["resident_bytes"] = resident_bytes(model)
+    result["load_peak_above_start_bytes"] = load_mem.delta
+    result["load_peak_bytes"] = load_mem.peak
+    result["expert_params_16_32bit"] = expert_wide_params(model)
+    rows = [result]
+    if variant == "dequant":  # the trap, measured on this very model, then undone
+        naive = apply_variant_lora("dequant-naive", model, args.r, args.alpha)
+        counts = {f"trainable_{k}": v for k, v in count_trainable(naive).items()}
+        rows.insert(0, {**result, **counts, "variant": "dequant-naive", "label": LABELS["dequant-naive"]})
+        print(f"[dequant-naive] trainable: {counts}", flush=True)
+        if counts["trainable_expert_lora"] == 0:
+            rows[0]["status"] = "refused"
+            rows[0]["reason"] = "0 trainable expert-LoRA parameters: PEFT matched no parametrized expert weight"
+            print(f"[dequant-naive] REFUSED to time: {rows[0]['reason']}", flush=True)
+        model = naive.unload()
+
+    model = apply_variant_lora(variant, model, args.r, args.alpha)
+    trainable = count_trainable(model)
+    result.update({f"trainable_{k}": v for k, v in trainable.items()})
+    print(f"[{variant}] trainable: {trainable}", flush=True)
+    if trainable["expert_lora"] == 0:
+        result["status"] = "refused"
+        result["reason"] = "0 trainable expert-LoRA parameters: the expert weights would not be fine-tuned"
+        print(f"[{variant}] REFUSED to time: {result['reason']}", flush=True)
+        return rows
+
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size if hasattr(model, "config") else 32000
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=generator) for _ in range(args.steps + 1)]
+    losses, step_s = [], []
+    with PeakMemory(device) as train_mem:
+        for i, ids in enumerate(batches):
+            ids = ids.to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            if i == 0:
+                result["expert_lora_with_grad"] = expert_lora_with_grad(model)
+                if result["expert_lora_with_grad"] == 0:
+                    result["status"] = "refused"
+                    result["reason"] = "expert-LoRA parameters exist but none received a gradient"
+                    print(f"[{variant}] REFUSED to time: {result['reason']}", flush=True)
+                    return rows
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            step_s.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            print(
+                f"[{variant}] step {i} {'(warm-up) ' if i == 0 else ''}{step_s[-1]:.2f}s loss {losses[-1]:.4f}",
+                flush=True,
+            )
+    timed = step_s[1:]
+    result["step_s"] = step_s
+    result["losses"] = losses
+    result["tokens_per_s"] = args.batch * args.seq * len(timed) / sum(timed)
+    result["train_peak_above_resident_bytes"] = train_mem.delta
+    result["train_peak_bytes"] = train_mem.peak
+    return rows
+
+
+def child_main(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    try:
+        rows = run_variant(args.child, args)
+    except Exception as exc:  # the parent reports it next to the other variants
+        traceback.print_exc()
+        rows = [{"variant": args.child, "label": LABELS[args.child], "status": "error", "reason": repr(exc)[:500]}]
+    if torch.device(args.device).type == "cpu":
+        rows[-1]["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(args.result).write_text(json.dumps(rows) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- parent
+
+
+def spawn_variant(variant: str, model_dir: Path, args: argparse.Namespace, timeout_s: float) -> list[dict[str, Any]]:
+    """Run one variant in a fresh interpreter; a crash or timeout becomes an error row, not a lost run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model-dir", str(model_dir)]
+        cmd += ["--result", str(result_path), "--device", args.device, "--dtype", args.dtype]
+        cmd += ["--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps)]
+        cmd += ["--r", str(args.r), "--alpha", str(args.alpha)] + (["--grad-ckpt"] if args.grad_ckpt else [])
+        print(f"== {variant}: {LABELS[variant]}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, timeout=timeout_s, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+        except subprocess.TimeoutExpired:
+            return [
+                {"variant": variant, "label": LABELS[variant], "status": "error", "reason": f"timeout {timeout_s}s"}
+            ]
+        if result_path.exists():
+            rows = json.loads(result_path.read_text())
+        else:
+            rows = [
+                {"variant": variant, "label": LABELS[variant], "status": "error", "reason": f"exit {proc.returncode}"}
+            ]
+        if rows[-1]["status"] == "error":
+            print(proc.stderr[-3000:], file=sys.stderr, flush=True)
+        rows[-1]["wall_s"] = time.perf_counter() - t0
+        return rows
+
+
+def render_table(results: list[dict[str, Any]]) -> str:
+    ours = next((r for r in results if r["variant"] == "ours" and r["status"] == "ok"), {})
+    rows = []
+    for r in results:
+        if r["status"] == "error":
+            rows.append([r["label"], f"error: {r.get('reason', '')[:80]}"] + [""] * 6)
+            continue
+        expert = f"{r.get('trainable_expert_lora', 0):,}"
+        if r.get("expert_lora_with_grad") is not None and r["expert_lora_with_grad"] != r["trainable_expert_lora"]:
+            expert += f" ({r['expert_lora_with_grad']:,} get grad)"
+        tps = r.get("tokens_per_s")
+        rows.append([
+            r["label"],
+            fmt_bytes(r.get("resident_bytes")) + fmt_ratio(r.get("resident_bytes"), ours.get("resident_bytes")),
+            fmt_bytes(r.get("load_peak_above_start_bytes"))
+            + fmt_ratio(r.get("load_peak_above_start_bytes"), ours.get("load_peak_above_start_bytes")),
+            f"{r.get('expert_params_16_32bit', 0):,}",
+            f"{r.get('trainable_attention_lora', 0):,}",
+            expert,
+            (fmt_rate(tps) + fmt_ratio(tps, ours.get("tokens_per_s"))) if tps else f"not timed: {r.get('reason', '')}",
+            fmt_bytes(r.get("train_peak_above_resident_bytes"))
+            + fmt_ratio(r.get("train_peak_above_resident_bytes"), ours.get("train_peak_above_resident_bytes")),
+        ])  # fmt: skip
+    header = [
+        "variant", "base resident", "load peak (above start)", "expert params kept 16/32-bit",
+        "attn LoRA", "expert LoRA", "train tokens/s", "train peak above resident",
+    ]  # fmt: skip
+    return markdown_table(header, rows) + "\n\nRatios in parentheses are against ours."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape = Shape()
+    for field in ("hidden", "ffn", "layers", "experts", "top_k", "heads", "kv_heads", "vocab"):
+        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(shape, field))
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="compute dtype")
+    p.add_argument("--seq", type=int, default=64, help="sequence length (CPU default; bf16 on CPU is slow)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1, help="timed optimizer steps (one warm-up step is extra)")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing during training")
+    p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "finetune-bench-moe"))
+    p.add_argument("--timeout", type=float, default=900, help="seconds per variant")
+    p.add_argument("--jobs", type=int, default=1, help="variants run at once (timings then share the CPU)")
+    p.add_argument("--quick", action="store_true", help="tiny dims and steps, variants at once: a smoke run")
+    p.add_argument("--out", default=str(DEFAULT_RESULTS))
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        for field, value in asdict(QUICK_SHAPE).items():
+            setattr(args, field, value)
+        args.seq, args.steps, args.jobs = 32, 1, len(VARIANTS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return 0
+    shape = Shape(**{f: getattr(args, f) for f in asdict(Shape())})
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
+    t0 = time.perf_counter()
+    model_dir = write_model(args.work_dir, shape)
+    print(f"model: {model_dir} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    # --jobs > 1 (the --quick default) runs the subprocesses side by side: each still measures its own memory, but
+    # they share the CPU, so their timings are only a smoke signal
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        per_variant = list(pool.map(lambda v: spawn_variant(v, model_dir, args, args.timeout), variants))
+    results = [row for rows in per_variant for row in rows]
+    table = render_table(results)
+    print("\n" + table, flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "result")}
+    payload = {"shape": asdict(shape), "settings": settings, "environment": environment(), "results": results}
+    print(f"\nwrote {write_json(args.out, payload)}", flush=True)
+    return 0 if all(r["status"] != "error" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
