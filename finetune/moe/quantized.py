@@ -59,6 +59,10 @@ class _DequantLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         weight = ctx.experts.dequantize(ctx.proj, ctx.expert, dtype=grad_out.dtype)
+        if weight.device.type == "cpu" and weight.dtype != torch.float32:
+            # CPU bf16/fp16 GEMMs against an untransposed weight take a path ~30x slower (1.7 s vs 55 ms measured
+            # for [64, 7168] x [7168, 1024]); one transposed copy of one expert is far cheaper.
+            return torch.nn.functional.linear(grad_out, weight.t().contiguous()), None, None, None
         return grad_out @ weight, None, None, None
 
 

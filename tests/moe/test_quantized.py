@@ -134,3 +134,20 @@ def test_buffers_move_and_rebuild_quant_state():
     assert clone.is_complete()
     names = dict(experts.named_buffers())
     assert names["gate_up_proj_data"].dtype == torch.uint8 and names["gate_up_proj_data"].shape == (4, 48 * 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input_gradient_matches_float32(dtype):
+    """The CPU half-precision backward takes a transposed-copy path; it must compute the same gradient."""
+    experts = _random_experts("nf4", e=2, h=64, f=96)
+    g = torch.Generator().manual_seed(3)
+    x32 = torch.randn(5, 64, generator=g)
+    index = torch.zeros(5, 1, dtype=torch.long)
+    weights = torch.ones(5, 1)
+    grads = {}
+    for name, dt in (("half", dtype), ("fp32", torch.float32)):
+        x = x32.to(dt).requires_grad_()
+        experts(x, index, weights.to(dt)).float().sum().backward()
+        grads[name] = x.grad.float()
+    rel = (grads["half"] - grads["fp32"]).norm() / grads["fp32"].norm()
+    assert rel < 2e-2, rel
