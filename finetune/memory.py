@@ -66,15 +66,3 @@ class PeakMemory:
             self.end = current_rss()
             self.peak = max(self.peak, self.end)
 
-
-def tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers (each storage counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total

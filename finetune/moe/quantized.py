@@ -8,7 +8,7 @@ expert at a time, and the backward pass dequantises again instead of keeping 16-
 Memory above the resident weights is therefore about one expert's weights plus activations, never the layer stack.
 
 Quantised data and quantisation statistics are registered buffers (so `.to(device)`, `state_dict()` and
-`tensor_bytes` see them); a bitsandbytes `QuantState` is rebuilt from the buffers on every dequantisation.
+`model_bytes` see them); a bitsandbytes `QuantState` is rebuilt from the buffers on every dequantisation.
 Optional per-expert LoRA factors (see `finetune.moe.lora`) are applied split-style inside the routed forward.
 """
 
