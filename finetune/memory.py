@@ -65,4 +65,3 @@ class PeakMemory:
                 self._thread.join()
             self.end = current_rss()
             self.peak = max(self.peak, self.end)
-

@@ -99,6 +99,7 @@ class TrackingCallback(TrainerCallback):
         self.last_loss: float | None = None
         self.last_aux_loss: float | None = None
         self.eval_loss: float | None = None
+        self.num_tokens: float | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -109,6 +110,8 @@ class TrackingCallback(TrainerCallback):
             self.last_aux_loss = logs["aux_loss"]
         if "eval_loss" in logs:
             self.eval_loss = logs["eval_loss"]
+        if "num_tokens" in logs:
+            self.num_tokens = logs["num_tokens"]
         if self.expert_load is not None and "loss" in logs:
             logs.update(self.expert_load.compute(reset=True))
         self.tracker.log(logs, step=state.global_step)

@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from finetune.errors import UserError
+from finetune.memory import PeakMemory
 from finetune.model import check_model_dir, load_model, load_tokenizer, resolve_model_dir
 from finetune.recipe import Recipe, dump_recipe
 from finetune.tracking import TrackingCallback, make_tracker
@@ -175,17 +176,12 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=[tracking, AdapterCheckpointCallback(model)],
     )
-    if loaded.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(loaded.device)
-    from finetune.memory import PeakMemory
-
     train_started = time.time()
     with PeakMemory(loaded.device) as train_peak:
         result = trainer.train()
     train_seconds = time.time() - train_started
-    eval_loss = None
     if prepared.eval is not None:
-        eval_loss = trainer.evaluate().get("eval_loss")
+        trainer.evaluate()  # logged through the tracking callback
 
     from finetune.moe.lora import save_adapter
 
@@ -195,12 +191,12 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         expert_load.remove()
     tracker.close()
 
-    tokens = int(getattr(trainer, "_total_train_tokens", 0) or 0)
+    tokens = int(tracking.num_tokens or 0)
     metrics = {
         "first_loss": tracking.first_loss,
         "final_train_loss": tracking.last_loss,
         "train_loss_mean": result.training_loss,
-        "eval_loss": eval_loss if eval_loss is not None else tracking.eval_loss,
+        "eval_loss": tracking.eval_loss,
         "aux_loss": tracking.last_aux_loss,
         "steps": result.global_step,
         "tokens_trained": tokens,
