@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from finetune.errors import UserError
 from finetune.memory import PeakMemory
@@ -98,20 +97,6 @@ def trainer_arguments(recipe: Recipe, output_dir: Path, device: torch.device, dt
     return {**args, **recipe.training.extra}
 
 
-class AdapterCheckpointCallback(TrainerCallback):
-    """Each trainer checkpoint also gets a standard PEFT adapter folder (experts included)."""
-
-    def __init__(self, model: Any):
-        self.model = model
-
-    def on_save(self, args, state, control, **kwargs):
-        from finetune.moe.lora import save_adapter
-
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.exists():
-            save_adapter(self.model, checkpoint / "adapter")
-
-
 def data_summary(stats: dict[str, Any]) -> str:
     """One line on what will be trained: records, skipped records (never silent), tokens, packing."""
     parts = [f"data: {stats.get('train_records')} train / {stats.get('eval_records')} eval records"]
@@ -174,7 +159,7 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
-        callbacks=[tracking, AdapterCheckpointCallback(model)],
+        callbacks=[tracking],
     )
     train_started = time.time()
     with PeakMemory(loaded.device) as train_peak:

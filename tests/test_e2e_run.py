@@ -39,6 +39,8 @@ def finished_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Com
         "training.max_steps=12",
         "--set",
         "training.logging_steps=2",
+        "--set",
+        "training.save_steps=6",
     )
     return out, result
 
@@ -80,6 +82,10 @@ def test_run_writes_the_output_contract(finished_run):
     experts = spec.layers * spec.experts * 3 * spec.hidden_size * spec.intermediate_size
     other = 2 * 32000 * spec.hidden_size + spec.layers * (spec.experts + 2) * spec.hidden_size + spec.hidden_size
     assert metrics["quantized_fraction"] == pytest.approx((attention + experts) / (attention + experts + other))
+    # trainer checkpoints hold the same standard adapter, experts included
+    checkpoint = load_file(out / "checkpoints" / "checkpoint-12" / "adapter_model.safetensors")
+    assert any(".mlp.experts.base_layer.lora_A." in k for k in checkpoint)
+    assert set(checkpoint) == set(load_file(out / "adapter" / "adapter_model.safetensors"))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in row for row in lines)
     assert any(any(k.startswith("moe/") for k in row) for row in lines), "expert-load metrics are logged"
