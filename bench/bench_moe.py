@@ -63,22 +63,20 @@ class Shape:
     vocab: int = 32000
 
     def config(self):
-        from transformers import MixtralConfig
+        from finetune.tiny import TinySpec, mixtral_config
 
-        return MixtralConfig(
-            vocab_size=self.vocab,
+        dims = TinySpec(
             hidden_size=self.hidden,
             intermediate_size=self.ffn,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            num_local_experts=self.experts,
-            num_experts_per_tok=self.top_k,
+            layers=self.layers,
+            experts=self.experts,
+            top_k=self.top_k,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
             max_position_embeddings=8192,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
+            initializer_range=0.02,  # Mixtral's own
         )
+        return mixtral_config(dims, vocab_size=self.vocab)
 
     def active_params_per_token(self) -> int:
         """Matmul weights one token passes through: attention, router, top-k experts, lm_head (no embedding)."""

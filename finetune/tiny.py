@@ -53,14 +53,12 @@ def write_tokenizer(output: Path) -> None:
     tokenizer.save_pretrained(str(output))
 
 
-def write_tiny_model(output: str | Path, spec: TinySpec = TinySpec(), *, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a seeded random `MixtralForCausalLM` and the Mixtral v1 tokenizer to `output` (safetensors)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+def mixtral_config(spec: TinySpec, vocab_size: int = 32000):
+    """A `MixtralConfig` of the given dimensions with Mixtral's token ids (BOS 1, EOS 2), untied embeddings."""
+    from transformers import MixtralConfig
 
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    config = MixtralConfig(
-        vocab_size=32000,
+    return MixtralConfig(
+        vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.layers,
@@ -74,6 +72,15 @@ def write_tiny_model(output: str | Path, spec: TinySpec = TinySpec(), *, dtype: 
         tie_word_embeddings=False,
         initializer_range=spec.initializer_range,
     )
+
+
+def write_tiny_model(output: str | Path, spec: TinySpec = TinySpec(), *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a seeded random `MixtralForCausalLM` and the Mixtral v1 tokenizer to `output` (safetensors)."""
+    from transformers import MixtralForCausalLM
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    config = mixtral_config(spec)
     torch.manual_seed(spec.seed)
     model = MixtralForCausalLM(config).to(dtype)
     model.save_pretrained(str(output), safe_serialization=True)
