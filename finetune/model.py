@@ -7,6 +7,7 @@ checkpoints with a clear error, then hands the folder to the streaming 4-bit loa
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,12 @@ def resolve_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise UserError("model.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
     if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda":
+        # under `accelerate launch` / torchrun each process loads its own copy onto its own GPU
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(setting)
 
 

@@ -90,6 +90,8 @@ def trainer_arguments(recipe: Recipe, output_dir: Path, device: torch.device, dt
         "fp16": dtype == torch.float16,
         "use_cpu": device.type == "cpu",
         "dataloader_num_workers": 0,
+        # every rank loads identical weights; broadcasting buffers (our quantised experts) each step would copy the model
+        "ddp_broadcast_buffers": False,
         "max_length": recipe.data.max_length,
         "router_aux_loss_coef": recipe.moe.aux_loss_coef if recipe.moe.aux_loss else 0.0,
         "disable_tqdm": False,
