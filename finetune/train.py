@@ -7,6 +7,7 @@ metrics.json (summary), metrics.jsonl (every log line) and checkpoints/.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -19,7 +20,7 @@ from finetune.errors import UserError
 from finetune.memory import PeakMemory
 from finetune.model import check_model_dir, load_model, load_tokenizer, resolve_model_dir
 from finetune.recipe import Recipe, dump_recipe
-from finetune.tracking import TrackingCallback, make_tracker
+from finetune.tracking import Tracker, TrackingCallback, make_tracker
 
 FINISHED_MARKERS = ("metrics.json", "adapter")
 
@@ -139,9 +140,11 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         print(line)
     model = loaded.model
 
-    clear_output_dir(output_dir, finished)
-    (output_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    tracker = make_tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"))
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes outputs
+    if main_process:
+        clear_output_dir(output_dir, finished)
+        (output_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    tracker = make_tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json")) if main_process else Tracker([])
     expert_load = None
     if recipe.moe.track_expert_load:
         from finetune.moe.routing import ExpertLoadTracker
@@ -172,8 +175,9 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
 
     from finetune.moe.lora import save_adapter
 
-    save_adapter(model, output_dir / "adapter")
-    tokenizer.save_pretrained(str(output_dir / "adapter"))
+    if main_process:
+        save_adapter(model, output_dir / "adapter")
+        tokenizer.save_pretrained(str(output_dir / "adapter"))
     if expert_load is not None:
         expert_load.remove()
     tracker.close()
@@ -203,5 +207,6 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         "data": prepared.stats,
         "versions": library_versions(),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+    if main_process:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
     return metrics
