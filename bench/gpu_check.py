@@ -5,7 +5,7 @@ created on the GPU, writes it once as a bf16 checkpoint under /tmp (about 3.2B p
 variant in its own subprocess at sequence length 4096 (batch 1, gradient checkpointing, bf16):
   ours     finetune.moe load_mixtral(nf4) + apply_lora (attention + expert LoRA)
   stock    (a) from_pretrained(BitsAndBytesConfig 4-bit) + PEFT target_parameters; experts stay bf16
-  dequant  (b) (a) + bitsandbytes replace_parameter_4bit on the experts + PEFT made to match (see bench_moe.py)
+  dequant  (b) (a) + bitsandbytes replace_parameter_4bit on the experts + PEFT made to match (see variants.py)
 
 MFU = tokens/s * 4 * active params per token / peak bf16 FLOP/s. Active params per token: per layer the attention
 projections, the router and top-k experts' three projections, plus lm_head; the embedding (a lookup) is excluded, and
