@@ -67,3 +67,33 @@ def test_tiny_model_tokenizer_pad_is_not_eos(tiny_model_dir):
     assert len(tok) == 32000 and tok.eos_token_id == 2
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     check_model_dir(tiny_model_dir, ModelSettings(path=str(tiny_model_dir)))
+
+
+def test_hub_ids_fetch_only_safe_files(tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub's snapshot_download; pickles are only fetched when allowed."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_model_dir("mistralai/Mixtral-8x7B-v0.1", revision="main") == tmp_path
+    assert resolve_model_dir("mistralai/Mixtral-8x7B-v0.1", allow_pickle=True) == tmp_path
+    (repo, revision, safe), (_, _, with_pickle) = calls
+    assert (repo, revision) == ("mistralai/Mixtral-8x7B-v0.1", "main")
+    assert "*.safetensors" in safe and "tokenizer.model" in safe and not any(p.endswith(".bin") for p in safe)
+    assert "*.bin" in with_pickle
+
+
+def test_hub_failure_is_a_user_error(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(UserError, match=r"model.path: could not fetch 'org/missing' from the hub: OSError: no network"):
+        resolve_model_dir("org/missing")
