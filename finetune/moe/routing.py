@@ -26,7 +26,8 @@ def _in_backward() -> bool:
 class ExpertLoadTracker:
     """Accumulates per-layer expert assignment counts and router entropy over any number of forward passes.
 
-    Counts include every token the router sees (padding too, when the batch is padded).
+    Padding is left out: a pre-hook on the model remembers the forward's 2-D `attention_mask`, and routers skip the
+    masked positions (packed, padding-free batches have no mask and no padding).
     """
 
     def __init__(self, model: nn.Module):
@@ -34,6 +35,7 @@ class ExpertLoadTracker:
         self._entropy_sum: dict[int, torch.Tensor] = {}
         self._tokens: dict[int, int] = {}
         self._handles = []
+        self._keep: torch.Tensor | None = None
         for name, module in model.named_modules():
             if isinstance(module, MixtralTopKRouter):
                 match = _LAYER.search(name)
@@ -41,12 +43,21 @@ class ExpertLoadTracker:
                 self._handles.append(module.register_forward_hook(self._hook(layer, module.num_experts)))
         if not self._handles:
             raise ValueError("ExpertLoadTracker found no MixtralTopKRouter in the model")
+        self._handles.append(model.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
+
+    def _remember_mask(self, _module, _args, kwargs):
+        mask = kwargs.get("attention_mask")
+        padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())  # one sync per forward
+        self._keep = mask.reshape(-1).bool() if padded else None
 
     def _hook(self, layer: int, num_experts: int):
         def hook(_module, _inputs, output):
             if _in_backward():
                 return
             router_logits, _scores, top_k_index = output
+            keep = self._keep
+            if keep is not None and keep.numel() == router_logits.shape[0]:
+                router_logits, top_k_index = router_logits[keep], top_k_index[keep]
             with torch.no_grad():
                 counts = torch.bincount(top_k_index.reshape(-1), minlength=num_experts)[:num_experts]
                 logp = torch.log_softmax(router_logits.detach().float(), dim=-1)

@@ -60,3 +60,21 @@ def test_tracker_does_not_recount_during_backward_recompute(tiny_dir):
     model(input_ids=ids, labels=ids).loss.backward()
     total = sum(t.sum().item() for t in tracker._counts.values())
     assert total == ids.numel() * model.config.num_experts_per_tok * model.config.num_hidden_layers
+
+
+def test_tracker_leaves_padding_out(tiny_dir):
+    model, _ = load_mixtral(tiny_dir, quantization="nf4", dtype=torch.float32)
+    tracker = ExpertLoadTracker(model)
+    ids = torch.randint(1, 32000, (2, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # the second row is 5 real tokens + 4 padding
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    metrics = tracker.compute()
+    keep = mask.reshape(-1).bool()
+    k, experts = model.config.num_experts_per_tok, model.config.num_local_experts
+    for layer, logits in enumerate(out.router_logits):
+        top = logits.float().softmax(-1).topk(k, dim=-1).indices[keep]
+        load = torch.bincount(top.reshape(-1), minlength=experts).double() / (keep.sum() * k)
+        for expert in range(experts):
+            assert metrics[f"moe/layer{layer}/expert{expert}_load"] == pytest.approx(load[expert].item())
