@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from data_tools.errors import DataError
 from data_tools.formats import (
     PREFERENCE_FORMATS,
@@ -99,7 +101,8 @@ def source_format(raw: list[RawRecord], fmt: str, name: str) -> str:
 
 def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = "conversation") -> Loaded:
     """Read, convert and validate one source. kind: `conversation` (SFT), `preference` (DPO) or `auto` (the format's own)."""
-    raw = list(read_records(path, split))
+    # progress bars appear only when reading or checking takes more than two seconds
+    raw = list(tqdm(read_records(path, split), desc=f"Reading {path}", unit=" records", delay=2))
     fmt = source_format(raw, fmt, path)
     if kind == "auto":
         kind = "preference" if fmt in PREFERENCE_FORMATS else "conversation"
@@ -108,7 +111,7 @@ def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = 
             f"{path} is in {fmt!r} format, which has no chosen/rejected pairs; use preference or hh_rlhf data"
         )
     loaded = Loaded(format=fmt)
-    for r in raw:
+    for r in tqdm(raw, desc=f"Validating {path}", unit=" records", delay=2):
         if r.error is not None:
             loaded.problems.append(("invalid_json", f"{r.where}: {r.error}"))
             continue
