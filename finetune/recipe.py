@@ -19,7 +19,7 @@ from data_tools.config import DataConfig
 from finetune.errors import UserError
 from finetune.recipe_errors import closest, format_validation_error, path_problems
 
-SCHEDULERS = (
+Scheduler = Literal[
     "linear",
     "cosine",
     "cosine_with_restarts",
@@ -29,7 +29,7 @@ SCHEDULERS = (
     "inverse_sqrt",
     "cosine_with_min_lr",
     "warmup_stable_decay",
-)
+]
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -104,7 +104,7 @@ class TrainingSettings(Strict):
     num_epochs: float = Field(1.0, gt=0, description="Epochs over the train set when max_steps is -1")
     seed: int = Field(42, description="Seed for model init of adapters, data order and dropout")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate")
-    lr_scheduler: Literal[SCHEDULERS] = Field("cosine", description="Learning-rate schedule")  # type: ignore[valid-type]
+    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate")
     batch_size: int = Field(1, gt=0, description="Sequences per device per micro-batch")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step")
