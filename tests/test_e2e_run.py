@@ -246,3 +246,30 @@ def test_two_process_gloo_run_on_cpu(tmp_path, tiny_model_dir):
     assert metrics["steps"] == 4 and metrics["final_train_loss"] < metrics["first_loss"]
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(".mlp.experts." in k for k in weights)
+
+
+@pytest.mark.parametrize("quantization", ["none", "fp4", "int8"])
+def test_every_quantization_setting_trains(tmp_path, tiny_model_dir, quantization):
+    out = tmp_path / quantization
+    result = cli(
+        "run",
+        str(TINY),
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"model.quantization={quantization}",
+        "--set",
+        "training.max_steps=2",
+        "--set",
+        "training.logging_steps=1",
+        "--set",
+        "data.eval_fraction=0",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["quantization"] == quantization and metrics["steps"] == 2
+    assert (metrics["quantized_fraction"] == 0) == (quantization == "none")
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(".mlp.experts." in k and "lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
