@@ -174,23 +174,17 @@ def preview(
 ) -> None:
     """Show formatted records; tokens that carry loss are highlighted in green, masked ones are dim."""
     from rich.console import Console
-    from rich.text import Text
+
+    from data_tools.preview import LEGEND, mask_text
 
     _, tokenizer, _, ds = _tokenized(file, fmt, recipe)
     console = Console()
     for row in ds.select(range(min(n, len(ds)))):
         ids, labels = row["input_ids"], row["labels"]
-        text = Text()
-        start, shown = 0, ""
-        for i in range(1, len(ids) + 1):  # decode prefixes at mask changes, so spaces between runs survive
-            if i == len(ids) or (labels[i] == -100) != (labels[start] == -100):
-                upto = tokenizer.decode(ids[:i])
-                text.append(upto[len(shown) :], style="dim" if labels[start] == -100 else "bold black on green")
-                start, shown = i, upto
         trained = sum(label != -100 for label in labels)
         console.rule(f"{row['where']}  ({len(ids)} tokens, {trained} trained)")
-        console.print(text)
-    console.print("[bold black on green]trained[/]  [dim]masked (-100)[/]")
+        console.print(mask_text(ids, labels, tokenizer))
+    console.print(LEGEND)
 
 
 @app.command()

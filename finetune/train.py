@@ -113,6 +113,21 @@ def data_summary(stats: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def show_first_sample(dataset: Any, tokenizer: Any) -> None:
+    """Print the first training record with its loss mask, so every run shows what it trains on."""
+    from rich.console import Console
+
+    from data_tools.preview import LEGEND, first_sample, mask_text
+
+    if len(dataset) == 0:
+        return
+    ids, labels = first_sample(dataset[0])
+    console = Console()
+    console.print(f"first training record ({len(ids)} tokens, {sum(x != -100 for x in labels)} trained):")
+    console.print(mask_text(ids, labels, tokenizer))
+    console.print(LEGEND)
+
+
 def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
     """Train one recipe end to end and return the metrics written to metrics.json."""
     if recipe.method != "sft":
@@ -134,6 +149,7 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
     prepared = prepare_sft_data(recipe.data, tokenizer, model_dir=model_dir, seed=recipe.training.seed)
     print(data_summary(prepared.stats))
+    show_first_sample(prepared.train, tokenizer)
 
     loaded = load_model(recipe.model, recipe.lora, model_dir, train_aux=recipe.moe.aux_loss)
     for line in loaded.summary:

@@ -49,6 +49,7 @@ def test_run_writes_the_output_contract(finished_run):
     out, result = finished_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"adapter: {out / 'adapter'}" in result.stdout
+    assert "first training record" in result.stdout and "[/INST]" in result.stdout  # the mask preview
     adapter = out / "adapter"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (adapter / name).exists(), name
