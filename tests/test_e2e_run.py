@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
 
 
+def sets(*settings: str) -> list[str]:
+    """`--set` arguments for each `key=value`."""
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "finetune.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
@@ -31,16 +36,13 @@ def finished_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Com
     result = cli(
         "run",
         str(TINY),
-        "--set",
-        f"model.path={tiny_model_dir}",
-        "--set",
-        f"output_dir={out}",
-        "--set",
-        "training.max_steps=12",
-        "--set",
-        "training.logging_steps=2",
-        "--set",
-        "training.save_steps=6",
+        *sets(
+            f"model.path={tiny_model_dir}",
+            f"output_dir={out}",
+            "training.max_steps=12",
+            "training.logging_steps=2",
+            "training.save_steps=6",
+        ),
     )
     return out, result
 
@@ -109,7 +111,7 @@ def test_run_loss_drops_and_adapter_trained(finished_run):
 def test_run_refuses_to_overwrite_a_finished_run(finished_run, tiny_model_dir):
     out, _ = finished_run
     before = (out / "metrics.json").read_bytes()
-    result = cli("run", str(TINY), "--set", f"model.path={tiny_model_dir}", "--set", f"output_dir={out}")
+    result = cli("run", str(TINY), *sets(f"model.path={tiny_model_dir}", f"output_dir={out}"))
     assert result.returncode == 2
     assert "already holds a finished run" in result.stderr and "--overwrite" in result.stderr
     assert "Traceback" not in result.stderr
@@ -118,7 +120,7 @@ def test_run_refuses_to_overwrite_a_finished_run(finished_run, tiny_model_dir):
 
 def test_run_with_bad_recipe_touches_nothing(tmp_path):
     out = tmp_path / "never"
-    result = cli("run", str(TINY), "--set", f"output_dir={out}", "--set", "lora.rank=4", "--set", "model.dtype=fp8")
+    result = cli("run", str(TINY), *sets(f"output_dir={out}", "lora.rank=4", "model.dtype=fp8"))
     assert result.returncode == 2
     assert "lora.rank: unknown key; did you mean lora.r?" in result.stderr
     assert "model.dtype: got 'fp8'" in result.stderr
@@ -180,14 +182,7 @@ def test_run_with_bad_data_reports_file_and_line_and_touches_nothing(tmp_path, t
     result = cli(
         "run",
         str(TINY),
-        "--set",
-        f"model.path={tiny_model_dir}",
-        "--set",
-        f"output_dir={out}",
-        "--set",
-        f"data.train.0.path={data}",
-        "--set",
-        "data.eval_fraction=0",
+        *sets(f"model.path={tiny_model_dir}", f"output_dir={out}", f"data.train.0.path={data}", "data.eval_fraction=0"),
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{data}:2:" in result.stderr and "Traceback" not in result.stderr
@@ -225,16 +220,13 @@ def test_two_process_gloo_run_on_cpu(tmp_path, tiny_model_dir):
             "finetune.cli",
             "run",
             str(TINY),
-            "--set",
-            f"model.path={tiny_model_dir}",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            "training.max_steps=4",
-            "--set",
-            "training.logging_steps=2",
-            "--set",
-            "data.eval_fraction=0",
+            *sets(
+                f"model.path={tiny_model_dir}",
+                f"output_dir={out}",
+                "training.max_steps=4",
+                "training.logging_steps=2",
+                "data.eval_fraction=0",
+            ),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -255,18 +247,14 @@ def test_every_quantization_setting_trains(tmp_path, tiny_model_dir, quantizatio
     result = cli(
         "run",
         str(TINY),
-        "--set",
-        f"model.path={tiny_model_dir}",
-        "--set",
-        f"output_dir={out}",
-        "--set",
-        f"model.quantization={quantization}",
-        "--set",
-        "training.max_steps=2",
-        "--set",
-        "training.logging_steps=1",
-        "--set",
-        "data.eval_fraction=0",
+        *sets(
+            f"model.path={tiny_model_dir}",
+            f"output_dir={out}",
+            f"model.quantization={quantization}",
+            "training.max_steps=2",
+            "training.logging_steps=1",
+            "data.eval_fraction=0",
+        ),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
