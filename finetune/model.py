@@ -17,7 +17,7 @@ import torch
 from finetune.errors import UserError
 from finetune.memory import PeakMemory
 from finetune.recipe import LoraSettings, ModelSettings
-from finetune.tiny import TINY_MODEL_NAME, cache_root, materialize_builtin
+from finetune.tiny import TINY_MODEL_NAME, materialize_builtin
 
 MIXTRAL_ARCHITECTURES = {"MixtralForCausalLM"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -114,10 +114,13 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        if tokenizer.unk_token is None or tokenizer.unk_token_id == tokenizer.eos_token_id:
+            # a new token would lie outside the embedding matrix; better to say so than to grow the model silently
+            raise UserError(
+                f"model.path: the tokenizer in {model_dir} has no pad token and no unk token distinct from EOS; "
+                "set a pad token (not EOS) in its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
 
 
@@ -164,7 +167,3 @@ def load_model(settings: ModelSettings, lora: LoraSettings, model_dir: Path, *, 
     )
     summary = [*report.summary_lines(), *lora_summary(model)]
     return LoadedModel(model, model_dir, device, dtype, peak.peak, report, summary)
-
-
-def default_cache_dir() -> Path:
-    return cache_root() / "datasets"

@@ -97,3 +97,16 @@ def test_hub_failure_is_a_user_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UserError, match=r"model.path: could not fetch 'org/missing' from the hub: OSError: no network"):
         resolve_model_dir("org/missing")
+
+
+def test_tokenizer_without_a_safe_pad_token_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    d = tmp_path / "tok"
+    shutil.copytree(tiny_model_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["unk_token"] = config.get("eos_token", "</s>")
+    config.pop("pad_token", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="no pad token and no unk token distinct from EOS"):
+        load_tokenizer(d)
