@@ -1,6 +1,6 @@
 """The `finetune` command: one function per subcommand, each a thin call into the package.
 
-Bad input (UserError, DataError) prints one line per problem and exits 2, without a traceback.
+Bad input (UserError, including data_tools' DataError) prints one line per problem and exits 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from finetune.errors import UserError
 
 app = typer.Typer(
     help="LoRA/QLoRA fine-tuning for Mixtral-architecture MoE models, with real 4-bit experts.",
@@ -30,13 +32,6 @@ def fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    from data_tools.errors import DataError
-    from finetune.errors import UserError
-
-    return (UserError, DataError)
-
-
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
@@ -50,7 +45,7 @@ def run(
 
         loaded = load_recipe(recipe, set_ or [])
         metrics = run_recipe(loaded, overwrite=overwrite)
-    except user_errors() as e:
+    except UserError as e:  # DataError is one too
         fail(e)
         return
     out = Path(loaded.output_dir)
@@ -83,7 +78,7 @@ def validate(
         Console(width=200).print(table)
     try:
         loaded = load_recipe(recipe, set_ or [])
-    except user_errors() as e:
+    except UserError as e:  # DataError is one too
         fail(e)
         return
     typer.echo(dump_recipe(loaded), nl=False)

@@ -29,12 +29,11 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from data_tools.errors import DataError
         from finetune.errors import UserError
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, UserError) as e:
+        except UserError as e:  # DataError is one too
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
@@ -49,6 +48,16 @@ def _check_format(fmt: str) -> None:
 
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def _claim_outputs(source: str, outputs: list[Path], overwrite: bool) -> list[Path]:
+    """Refuse outputs that exist (without --overwrite) or that are the input; returns the input paths."""
+    from data_tools.io import check_output, resolve_path
+
+    inputs = [p for p in [resolve_path(source)] if p is not None]
+    for out in outputs:
+        check_output(out, overwrite, inputs)
+    return inputs
 
 
 def load_context(recipe: Path):
@@ -128,14 +137,13 @@ def convert(
 ) -> None:
     """Convert to the canonical conversation (messages) or preference (prompt/chosen/rejected) form."""
     from data_tools.errors import DataError
-    from data_tools.io import check_output, resolve_path, write_jsonl
+    from data_tools.io import write_jsonl
     from data_tools.validate import load_source, raise_or_report
 
     _check_format(fmt)
     if to not in ("messages", "preference"):
         raise DataError(f"--to must be messages or preference, not {to!r}")
-    inputs = [p for p in [resolve_path(src)] if p is not None]
-    check_output(out, overwrite, inputs)
+    inputs = _claim_outputs(src, [out], overwrite)
     loaded = load_source(src, fmt, kind="conversation" if to == "messages" else "preference")
     raise_or_report(loaded, skip_invalid, echo=lambda m: typer.echo(m, err=True))
     keys = ("messages",) if to == "messages" else ("prompt", "chosen", "rejected")
@@ -153,11 +161,10 @@ def tokenize(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write input_ids and labels (before packing) per input record, in input order."""
-    from data_tools.io import check_output, resolve_path, write_jsonl
+    from data_tools.io import write_jsonl
 
     _check_format(fmt)
-    inputs = [p for p in [resolve_path(file)] if p is not None]
-    check_output(out, overwrite, inputs)
+    inputs = _claim_outputs(file, [out], overwrite)
     _, _, _, ds = _tokenized(file, fmt, recipe)
     rows = ({"where": r["where"], "input_ids": r["input_ids"], "labels": r["labels"]} for r in ds)
     n = write_jsonl(out, rows, overwrite, inputs)
@@ -261,15 +268,13 @@ def split(
     """Deterministic split by content hash: the same input and seed give the same split, in any order."""
     from data_tools.errors import DataError
     from data_tools.hygiene import in_eval
-    from data_tools.io import check_output, resolve_path, write_jsonl
+    from data_tools.io import write_jsonl
 
     _check_format(fmt)
     if not 0 < eval_fraction < 1:
         raise DataError(f"--eval-fraction must be between 0 and 1, not {eval_fraction}")
-    inputs = [p for p in [resolve_path(file)] if p is not None]
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    for p in (train_path, eval_path):
-        check_output(p, overwrite, inputs)
+    inputs = _claim_outputs(file, [train_path, eval_path], overwrite)
     rows = _raw_and_hash(file, fmt)
     held = [in_eval(h, seed, eval_fraction) for _, h, _ in rows]
     n_train = write_jsonl(train_path, (r for (r, _, _), e in zip(rows, held, strict=True) if not e), overwrite, inputs)
@@ -286,11 +291,10 @@ def dedupe(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Drop exact duplicates (after normalising whitespace and case), keeping the first occurrence."""
-    from data_tools.io import check_output, resolve_path, write_jsonl
+    from data_tools.io import write_jsonl
 
     _check_format(fmt)
-    inputs = [p for p in [resolve_path(file)] if p is not None]
-    check_output(out, overwrite, inputs)
+    inputs = _claim_outputs(file, [out], overwrite)
     rows = _raw_and_hash(file, fmt)
     seen: set[str] = set()
     kept = []
