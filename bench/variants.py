@@ -109,6 +109,9 @@ def load_variant(variant: str, model_dir: Path, device: str, dtype: torch.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), quantization_config=_bnb_config(dtype), dtype=dtype, device_map=device_map
     )
+    from finetune.moe.loading import keep_standard_cpu_layout
+
+    keep_standard_cpu_layout(model)  # the baselines get the same correct CPU path as ours
     if variant in ("dequant", "dequant-naive"):
         from bitsandbytes.nn.parametrize import replace_parameter_4bit
 

@@ -265,6 +265,22 @@ def _check_keys(keys: list[str], model: MixtralForCausalLM, config: MixtralConfi
         )
 
 
+def keep_standard_cpu_layout(model: nn.Module) -> int:
+    """Keep every 4-bit linear on bitsandbytes' standard path, on every CPU; returns how many were set.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a `Linear4bit` weight in place into a CPU-only layout
+    the first time it runs in eval mode without grad, then uses `gemv_4bit`: results drift, `dequantize_4bit` of
+    the repacked weight is wrong, and a later training backward returns no input gradient. One eval step would
+    silently corrupt training (and merges, generation, DPO reference passes), so we keep the standard layout.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def _quantized_linear(linear: nn.Linear, quantization: str, dtype: torch.dtype, double_quant: bool) -> nn.Module:
     if quantization in FOUR_BIT:
         return bnb.nn.Linear4bit(
@@ -386,6 +402,7 @@ def load_mixtral(
     if leftovers:
         raise UserError("some model tensors were not filled from the checkpoint", leftovers[:20])
     verify_quantized(model, quantization)
+    keep_standard_cpu_layout(model)
 
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
