@@ -25,7 +25,7 @@ import numpy as np
 from data_tools.errors import DataError
 
 IGNORE = -100
-ROLE_SLOTS = ("system", "user", "assistant", "other")  # order of the `role_tokens` column
+ROLE_SLOTS = ("system", "user", "assistant", "other")  # order of `role_tokens`; other = BOS and format tokens
 CHATML_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -127,13 +127,29 @@ class MistralEncoder:
                     settings=request.settings,
                 )
                 trained, slot = self.spec.train_on == "all", 1
+                if request.system_prompt and idx in (first_user, last_user):
+                    roles[0] += self._system_tokens(msg, request, idx, first_user, last_user, len(tokens))
             else:
                 tokens = ins.encode_assistant_message(msg, is_before_last_user_message=idx < last_user)
                 trained, slot = True, 2
             ids.extend(tokens)
             labels.extend(tokens if trained else [IGNORE] * len(tokens))
             roles[slot] += len(tokens)
+        roles[1] -= roles[0]  # the system prompt travels inside a user message; count it once, as system
         return ids, labels, roles
+
+    def _system_tokens(self, msg, request, idx: int, first_user: int, last_user: int, n_with: int) -> int:
+        """Tokens the system prompt adds to the user message that carries it (the v1 format joins them)."""
+        without, _, _ = self.instruct.encode_user_message(
+            msg,
+            request.available_tools,
+            idx == last_user,
+            idx == first_user,
+            system_prompt=None,
+            force_img_first=True,
+            settings=request.settings,
+        )
+        return n_with - len(without)
 
 
 class TemplateEncoder:

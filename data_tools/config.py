@@ -12,15 +12,18 @@ FormatName = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completio
 class SourceConfig(BaseModel):
     """One data source: a local file or folder, a hub dataset id, or `builtin:tiny-chat`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str = Field(description="Local file/folder (jsonl, json, parquet, csv), hub dataset id, or builtin:tiny-chat")
     format: FormatName = Field("auto", description="Record format; auto detects it from the first record's keys")
     split: str = Field("train", description="Split to read when path is a hub dataset id")
     weight: float | None = Field(
-        None, gt=0, description="Multiplier on this source's record count (2.0 repeats it twice, 0.5 takes half)"
+        None,
+        gt=0,
+        le=1e6,
+        description="Multiplier on this source's record count (2.0 repeats it twice, 0.5 takes half)",
     )
-    samples: int | None = Field(None, gt=0, description="Exact number of records to draw from this source")
+    samples: int | None = Field(None, gt=0, le=10**9, description="Exact number of records to draw from this source")
 
     @model_validator(mode="after")
     def _weight_or_samples(self) -> SourceConfig:
@@ -32,7 +35,7 @@ class SourceConfig(BaseModel):
 class DataConfig(BaseModel):
     """How training data is read, validated, formatted, masked and packed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     train: list[SourceConfig] = Field(min_length=1, description="Training sources, mixed by weight or sample count")
     eval: SourceConfig | None = Field(None, description="Evaluation source (optional)")
@@ -46,15 +49,19 @@ class DataConfig(BaseModel):
         None, description="Jinja template text or a file path for chat_format=template (default: the tokenizer's own)"
     )
     system_prompt: str | None = Field(None, description="System prompt for conversations that have none")
-    max_length: int = Field(2048, gt=0, description="Longest sequence in tokens; longer records are truncated")
+    max_length: int = Field(
+        2048, gt=0, le=2**20, description="Longest sequence in tokens; longer records are truncated"
+    )
     packing: bool = Field(False, description="Pack several records per row (no attention across records)")
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="assistant = loss on assistant turns (+ their EOS) only; all = the whole sequence"
     )
     skip_invalid: bool = Field(False, description="Skip (and count) invalid records instead of stopping")
-    shuffle_seed: int = Field(0, description="Seed for mixing, sampling and shuffling the training records")
+    shuffle_seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed for mixing, sampling and shuffling the training records"
+    )
     num_proc: int | None = Field(
-        None, gt=0, description="Worker processes for tokenisation (default: CPU count, max 8)"
+        None, gt=0, le=1024, description="Worker processes for tokenisation (default: CPU count, max 8)"
     )
 
     @model_validator(mode="after")

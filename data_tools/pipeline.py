@@ -27,7 +27,7 @@ from data_tools.hygiene import content_hash, in_eval
 from data_tools.packing import efficiency, pack, total_tokens, trained_tokens
 from data_tools.validate import Loaded, load_source, raise_or_report
 
-PIPELINE_VERSION = "1"  # bump when tokenisation output changes, to invalidate caches
+PIPELINE_VERSION = "2"  # bump when tokenisation output changes, to invalidate caches (2: no `where` in the cache)
 
 
 @dataclass
@@ -91,20 +91,23 @@ def tokenize_records(
     num_proc: int | None = None,
     cache_dir: Path | None = None,
 ) -> Dataset:
-    """Canonical records → Dataset(input_ids, labels, length, role_tokens, content_hash, where), cached on disk."""
+    """Canonical records → Dataset(input_ids, labels, length, role_tokens, content_hash, where), cached on disk.
+
+    The cache is keyed by content, so `where` is added after it: two files with the same content share the
+    tokenised rows, and each still reports its own locations.
+    """
     hashes = [content_hash(r) for r in records]
-    ds = Dataset.from_dict(
-        {"messages": [r["messages"] for r in records], "content_hash": hashes, "where": [r["where"] for r in records]}
-    )
+    wheres = [r["where"] for r in records]
+    ds = Dataset.from_dict({"messages": [r["messages"] for r in records], "content_hash": hashes})
     if not records:
-        return ds.add_column("input_ids", []).add_column("labels", []).add_column("length", [])
+        return ds.add_column("input_ids", []).add_column("labels", []).add_column("length", []).add_column("where", [])
     key_src = json.dumps(
         [PIPELINE_VERSION, spec.__dict__, _tokenizer_fingerprint(spec, tokenizer), max_length], sort_keys=True
     )
     key = hashlib.sha256((key_src + "".join(hashes)).encode()).hexdigest()[:32]
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return ds.map(
+    ds = ds.map(
         encode_batch,
         batched=True,
         batch_size=256,
@@ -120,6 +123,7 @@ def tokenize_records(
         remove_columns=["messages"],
         desc="Tokenising",
     )
+    return ds.add_column("where", wheres)
 
 
 def default_cache_dir() -> Path:
@@ -169,7 +173,11 @@ def _mix(parts: list[tuple[SourceConfig, Dataset]], seed: int) -> Dataset:
         idx = np.concatenate([rng.permutation(n) for _ in range(-(-want // n))])[:want] if want != n else np.arange(n)
         chosen.append(ds.select(np.sort(idx) if want <= n else idx))
     if not chosen:
-        raise DataError("no training records left after validation and filtering")
+        names = ", ".join(f"{src.path} ({len(ds)} left)" for src, ds in parts)
+        raise DataError(
+            f"no training records left after validation and filtering in {names}; see the skipped and dropped "
+            "counts above, or run `finetune data validate` / `finetune data stats` on these files"
+        )
     return concatenate_datasets(chosen)
 
 

@@ -34,27 +34,62 @@ def dataset_stats(ds: Dataset, max_length: int) -> dict[str, Any]:
 
 
 def histogram(lengths: np.ndarray, bins: int = 20) -> list[tuple[int, int, int]]:
-    """(low, high, count) buckets over the length range."""
+    """(low, high, count) buckets of whole token counts, `high` inclusive: buckets never share a value.
+
+    Every bucket has the same integer width, so labels read 15-15, 16-17 … rather than numpy's overlapping float
+    edges printed as integers (15-16, 16-18).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) == 0:
         return []
-    counts, edges = np.histogram(lengths, bins=min(bins, max(1, int(lengths.max() - lengths.min()) + 1)))
-    return [(int(edges[i]), int(edges[i + 1]), int(c)) for i, c in enumerate(counts)]
+    low, high = int(lengths.min()), int(lengths.max())
+    width = -(-(high - low + 1) // bins)  # ceil
+    n = -(-(high - low + 1) // width)
+    counts = np.bincount((lengths - low) // width, minlength=n)
+    return [(low + i * width, low + (i + 1) * width - 1, int(c)) for i, c in enumerate(counts)]
+
+
+def bucket_label(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def plot_lengths(lengths: np.ndarray, max_length: int, path: Path) -> Path:
-    """PNG histogram of token lengths with the max_length cut marked."""
+    """PNG histogram of token lengths, its axis scaled to the data; max_length marked (on the axis if it is far off).
+
+    An axis running to max_length squeezed short data into a sliver at the left, so the cut is drawn as a line
+    only when it lies near the data, and is otherwise named at the right edge.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    lengths = np.asarray(lengths, dtype=np.int64)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(lengths, bins=50, color="#4c72b0")
-    ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length = {max_length}")
+    buckets = histogram(lengths, bins=40)
+    if buckets:
+        edges = [lo - 0.5 for lo, _, _ in buckets] + [buckets[-1][1] + 0.5]
+        ax.hist(lengths, bins=edges, color="#4c72b0")
+    data_max = int(lengths.max()) if len(lengths) else max_length
+    right = max(data_max, 1) * 1.05 + 1
+    if max_length <= right * 1.25:
+        right = max(right, max_length * 1.05)
+        ax.axvline(max_length + 0.5, color="#c44e52", linestyle="--", label=f"max_length = {max_length}")
+        ax.legend()
+    else:
+        ax.annotate(
+            f"max_length = {max_length} →\n(beyond the longest record, {data_max})",
+            xy=(1, 0.97),
+            xycoords="axes fraction",
+            ha="right",
+            va="top",
+            color="#c44e52",
+        )
+    truncated = int((lengths > max_length).sum())
+    ax.set_xlim(left=max(0, (int(lengths.min()) if len(lengths) else 0) - 1), right=right)
     ax.set_xlabel("tokens per record")
     ax.set_ylabel("records")
-    ax.set_title(f"Token lengths ({len(lengths)} records)")
-    ax.legend()
+    ax.set_title(f"Token lengths ({len(lengths)} records, {truncated} over max_length)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

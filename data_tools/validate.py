@@ -32,6 +32,7 @@ REASON_TEXT = {
     "unknown_role": "unknown role",
     "identical_pair": "identical chosen and rejected",
     "too_long": "longer than max_length (would be truncated)",
+    "format_mismatch": "in another format than the file",
 }
 
 
@@ -83,27 +84,43 @@ class Loaded:
         return Counter(reason for reason, _ in self.problems)
 
 
-def source_format(raw: list[RawRecord], fmt: str, name: str) -> str:
-    """The named format, or the one the first parseable record's keys suggest."""
+def source_format(raw: list[RawRecord], fmt: str, name: str) -> tuple[str, str | None]:
+    """(format, origin): the named format (origin None), or the one the first parseable record's keys suggest,
+    with that record's location as origin."""
     if fmt != "auto":
-        return fmt
-    first = next((r.data for r in raw if r.data is not None), None)
+        return fmt, None
+    first = next((r for r in raw if r.data is not None), None)
     if first is None:
-        return "messages"  # nothing parseable: every record is reported as invalid anyway
-    detected = detect_format(first)
+        return "messages", None  # nothing parseable: every record is reported as invalid anyway
+    detected = detect_format(first.data)
     if detected is None:
         raise DataError(
-            f"cannot detect the format of {name} (first record has keys: {', '.join(sorted(first)) or 'none'}); "
+            f"{first.where}: cannot detect the format of {name} from this first record "
+            f"(keys: {', '.join(sorted(first.data)) or 'none'}); "
             "set format: alpaca|sharegpt|messages|prompt_completion|text|preference|hh_rlhf"
         )
-    return detected
+    return detected, first.where
+
+
+def mismatch(data: dict[str, Any], fmt: str, origin: str | None, name: str) -> Problem | None:
+    """When a record that failed to convert is in another format than its file was read as, say so plainly
+    (the detail of the failure, e.g. "missing field 'instruction'", hides the cause)."""
+    own = detect_format(data)
+    if own is None or own == fmt:
+        return None
+    how = f"detected from {origin}" if origin else "the format option"
+    return Problem(
+        "format_mismatch",
+        f"this record is in {own} format, but {name} was read as {fmt} ({how}); keep one format per file "
+        "(`finetune data convert` turns any format into messages)",
+    )
 
 
 def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = "conversation") -> Loaded:
     """Read, convert and validate one source. kind: `conversation` (SFT), `preference` (DPO) or `auto` (the format's own)."""
     # progress bars appear only when reading or checking takes more than two seconds
     raw = list(tqdm(read_records(path, split), desc=f"Reading {path}", unit=" records", delay=2))
-    fmt = source_format(raw, fmt, path)
+    fmt, origin = source_format(raw, fmt, path)
     if kind == "auto":
         kind = "preference" if fmt in PREFERENCE_FORMATS else "conversation"
     if kind == "preference" and fmt not in PREFERENCE_FORMATS:
@@ -125,6 +142,7 @@ def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = 
                 check_conversation(messages)
                 loaded.records.append({"messages": messages, "where": r.where})
         except Problem as p:
+            p = mismatch(r.data, fmt, origin, path) or p
             loaded.problems.append((p.reason, f"{r.where}: {p.detail}"))
     return loaded
 

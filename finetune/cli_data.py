@@ -20,7 +20,12 @@ FormatOpt = Annotated[
     str, typer.Option("--format", help="auto|alpaca|sharegpt|messages|prompt_completion|text|preference|hh_rlhf")
 ]
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (its model tokenizer and data settings)")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file (never an input)")]
+OutputOpt = Annotated[
+    Path,
+    typer.Option("--output", "-o", help="Output file; its extension picks the format: .jsonl, .json, .parquet, .csv"),
+]
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "hh_rlhf")
 
 
@@ -36,7 +41,7 @@ def guarded(fn):
         except UserError as e:  # DataError is one too
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError, UnicodeDecodeError) as e:
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
@@ -50,13 +55,15 @@ def _check_format(fmt: str) -> None:
         raise DataError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def _claim_outputs(source: str, outputs: list[Path], overwrite: bool) -> list[Path]:
-    """Refuse outputs that exist (without --overwrite) or that are the input; returns the input paths."""
-    from data_tools.io import check_output, resolve_path
+def _claim_outputs(source: str, outputs: list[Path], overwrite: bool, suffixes=None) -> list[Path]:
+    """Refuse outputs with another extension, that exist (without --overwrite), or that are (inside) the input;
+    returns the input paths. Runs before any work, so a refused output costs nothing."""
+    from data_tools.io import SUFFIXES, resolve_path
+    from data_tools.writers import check_output
 
     inputs = [p for p in [resolve_path(source)] if p is not None]
     for out in outputs:
-        check_output(out, overwrite, inputs)
+        check_output(out, overwrite, inputs, suffixes or SUFFIXES)
     return inputs
 
 
@@ -91,6 +98,7 @@ def validate(
     fmt: FormatOpt = "auto",
 ) -> None:
     """Report every bad record as FILE:LINE: reason; exit 2 when any record is invalid."""
+    from data_tools.errors import DataError
     from data_tools.validate import REASON_TEXT, load_source
 
     _check_format(fmt)
@@ -98,8 +106,14 @@ def validate(
     total = 0
     too_long: list[str] = []
     context = load_context(recipe) if recipe is not None else None
+    file_errors: list[str] = []
     for file in files:
-        loaded = load_source(file, fmt, kind="auto")
+        try:
+            loaded = load_source(file, fmt, kind="auto")
+        except DataError as e:  # a file that cannot be read at all: report it and go on with the others
+            file_errors.append(str(e))
+            typer.echo(f"error: {e}")
+            continue
         total += len(loaded.records) + len(loaded.problems)
         counts.update(loaded.counts)
         for _, line in loaded.problems:
@@ -116,12 +130,15 @@ def validate(
     for line in too_long:
         typer.echo(line)
     bad = sum(counts.values())
-    typer.echo(f"{total} records, {total - bad} valid, {bad} invalid")
+    if total or not file_errors:
+        typer.echo(f"{total} records, {total - bad} valid, {bad} invalid")
     for reason, n in sorted(counts.items()):
         typer.echo(f"  {REASON_TEXT.get(reason, reason)}: {n}")
     if recipe is not None:
         typer.echo(f"  {REASON_TEXT['too_long']}: {len(too_long)} (warning)")
-    if bad:
+    if file_errors:
+        typer.echo(f"{len(file_errors)} file(s) could not be read (see error: lines above)")
+    if bad or file_errors:
         raise typer.Exit(2)
 
 
@@ -130,15 +147,15 @@ def validate(
 def convert(
     src: Annotated[str, typer.Argument(help="Input file or folder")],
     to: Annotated[str, typer.Option("--to", help="messages | preference")],
-    out: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl")],
+    out: OutputOpt,
     fmt: FormatOpt = "auto",
     skip_invalid: Annotated[bool, typer.Option(help="Skip (and count) invalid records")] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert to the canonical conversation (messages) or preference (prompt/chosen/rejected) form."""
     from data_tools.errors import DataError
-    from data_tools.io import write_jsonl
     from data_tools.validate import load_source, raise_or_report
+    from data_tools.writers import write_records
 
     _check_format(fmt)
     if to not in ("messages", "preference"):
@@ -147,7 +164,7 @@ def convert(
     loaded = load_source(src, fmt, kind="conversation" if to == "messages" else "preference")
     raise_or_report(loaded, skip_invalid, echo=lambda m: typer.echo(m, err=True))
     keys = ("messages",) if to == "messages" else ("prompt", "chosen", "rejected")
-    n = write_jsonl(out, ({k: r[k] for k in keys} for r in loaded.records), overwrite, inputs)
+    n = write_records(out, ({k: r[k] for k in keys} for r in loaded.records), overwrite, inputs)
     typer.echo(f"wrote {n} records ({loaded.format} → {to}) to {out}")
 
 
@@ -156,18 +173,18 @@ def convert(
 def tokenize(
     file: Annotated[str, typer.Argument(help="Data file or folder")],
     recipe: RecipeOpt,
-    out: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output file: .jsonl, .json or .parquet")],
     fmt: FormatOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write input_ids and labels (before packing) per input record, in input order."""
-    from data_tools.io import write_jsonl
+    from data_tools.writers import write_records
 
     _check_format(fmt)
-    inputs = _claim_outputs(file, [out], overwrite)
+    inputs = _claim_outputs(file, [out], overwrite, suffixes=(".jsonl", ".json", ".parquet"))
     _, _, _, ds = _tokenized(file, fmt, recipe)
     rows = ({"where": r["where"], "input_ids": r["input_ids"], "labels": r["labels"]} for r in ds)
-    n = write_jsonl(out, rows, overwrite, inputs)
+    n = write_records(out, rows, overwrite, inputs)
     typer.echo(f"wrote {n} tokenised records to {out}")
 
 
@@ -181,6 +198,7 @@ def preview(
 ) -> None:
     """Show formatted records; tokens that carry loss are highlighted in green, masked ones are dim."""
     from rich.console import Console
+    from rich.text import Text
 
     from data_tools.preview import LEGEND, mask_text
 
@@ -189,7 +207,8 @@ def preview(
     for row in ds.select(range(min(n, len(ds)))):
         ids, labels = row["input_ids"], row["labels"]
         trained = sum(label != -100 for label in labels)
-        console.rule(f"{row['where']}  ({len(ids)} tokens, {trained} trained)")
+        console.rule()  # the location on its own line: a rule title would cut a long path short
+        console.print(Text(f"{row['where']}  ({len(ids)} tokens, {trained} trained)", style="bold"), soft_wrap=True)
         console.print(mask_text(ids, labels, tokenizer))
     console.print(LEGEND)
 
@@ -199,15 +218,25 @@ def preview(
 def stats(
     file: Annotated[str, typer.Argument(help="Data file or folder")],
     recipe: RecipeOpt,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a length histogram PNG here")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a length histogram here (.png, .svg, .pdf)")
+    ] = None,
     fmt: FormatOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Record count, token-length percentiles and histogram, truncation, tokens per role, duplicates."""
+    """Record count, token-length percentiles and histogram, truncation, tokens per role, duplicates.
+
+    Tokens per role: a system prompt counts as system even where the chat format puts it inside a user message;
+    `other` is the BOS token and the chat format's own tokens outside the messages.
+    """
     import numpy as np
 
-    from data_tools.stats import dataset_stats, histogram, plot_lengths
+    from data_tools.stats import bucket_label, dataset_stats, histogram, plot_lengths
 
+    _check_format(fmt)
+    if plot is not None:
+        _claim_outputs(file, [plot], overwrite, suffixes=PLOT_SUFFIXES)
     cfg, _, _, ds = _tokenized(file, fmt, recipe)
     s = dataset_stats(ds, cfg.max_length)
     if as_json:
@@ -217,11 +246,18 @@ def stats(
         pct = "  ".join(f"{k} {v:.0f}" for k, v in s["length_percentiles"].items())
         typer.echo(f"length: min {s['length_min']}  mean {s['length_mean']:.1f}  {pct}  max {s['length_max']}")
         typer.echo(f"truncated at max_length {cfg.max_length}: {s['truncated']}")
-        typer.echo("tokens per role: " + "  ".join(f"{k} {v}" for k, v in s["tokens_per_role"].items()))
+        roles = s["tokens_per_role"]
+        typer.echo(
+            "tokens per role: "
+            + "  ".join(f"{k} {v}" for k, v in roles.items() if k != "other")
+            + f"  other {roles['other']} (BOS and chat-format tokens)"
+        )
         buckets = histogram(np.asarray(ds["length"]))
         peak = max((c for _, _, c in buckets), default=1)
+        width = max((len(bucket_label(lo, hi)) for lo, hi, _ in buckets), default=0)
+        typer.echo("tokens per record:")
         for lo, hi, c in buckets:
-            typer.echo(f"  {lo:>6}-{hi:<6} {c:>7} {'█' * max(1 if c else 0, round(40 * c / peak))}")
+            typer.echo(f"  {bucket_label(lo, hi):>{width}} {c:>7} {'█' * max(1 if c else 0, round(40 * c / peak))}")
     if plot is not None:
         plot_lengths(np.asarray(ds["length"]), cfg.max_length, plot)
         typer.echo(f"wrote {plot}")
@@ -233,10 +269,10 @@ def _raw_and_hash(file: str, fmt: str):
     from data_tools.formats import PREFERENCE_FORMATS, Problem, to_conversation, to_preference
     from data_tools.hygiene import content_hash, normalized_hash
     from data_tools.io import read_records
-    from data_tools.validate import source_format
+    from data_tools.validate import mismatch, source_format
 
     raw = list(read_records(file))
-    fmt = source_format(raw, fmt, file)
+    fmt, origin = source_format(raw, fmt, file)
     out, problems = [], []
     for r in raw:
         if r.error:
@@ -247,7 +283,7 @@ def _raw_and_hash(file: str, fmt: str):
                 to_preference(r.data, fmt) if fmt in PREFERENCE_FORMATS else {"messages": to_conversation(r.data, fmt)}
             )
         except Problem as p:
-            problems.append(f"{r.where}: {p.detail}")
+            problems.append(f"{r.where}: {(mismatch(r.data, fmt, origin, file) or p).detail}")
             continue
         out.append((r.data, content_hash(canon), normalized_hash(canon)))
     if problems:
@@ -260,25 +296,31 @@ def _raw_and_hash(file: str, fmt: str):
 def split(
     file: Annotated[str, typer.Argument(help="Data file or folder")],
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Fraction held out for eval (0-1)")],
-    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for train.jsonl and eval.jsonl")],
+    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Folder for train.EXT and eval.EXT")],
     seed: Annotated[int, typer.Option("--seed", help="Split seed")] = 0,
     fmt: FormatOpt = "auto",
+    ext: Annotated[str, typer.Option("--ext", help="File type of the outputs: jsonl, json, parquet or csv")] = "jsonl",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Deterministic split by content hash: the same input and seed give the same split, in any order."""
     from data_tools.errors import DataError
     from data_tools.hygiene import in_eval
-    from data_tools.io import write_jsonl
+    from data_tools.writers import write_records
 
     _check_format(fmt)
     if not 0 < eval_fraction < 1:
         raise DataError(f"--eval-fraction must be between 0 and 1, not {eval_fraction}")
-    train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    ext = ext.lower().lstrip(".")
+    if ext not in ("jsonl", "json", "parquet", "csv"):
+        raise DataError(f"--ext {ext!r} is not supported; use jsonl, json, parquet or csv")
+    train_path, eval_path = out_dir / f"train.{ext}", out_dir / f"eval.{ext}"
     inputs = _claim_outputs(file, [train_path, eval_path], overwrite)
     rows = _raw_and_hash(file, fmt)
     held = [in_eval(h, seed, eval_fraction) for _, h, _ in rows]
-    n_train = write_jsonl(train_path, (r for (r, _, _), e in zip(rows, held, strict=True) if not e), overwrite, inputs)
-    n_eval = write_jsonl(eval_path, (r for (r, _, _), e in zip(rows, held, strict=True) if e), overwrite, inputs)
+    n_train = write_records(
+        train_path, (r for (r, _, _), e in zip(rows, held, strict=True) if not e), overwrite, inputs
+    )
+    n_eval = write_records(eval_path, (r for (r, _, _), e in zip(rows, held, strict=True) if e), overwrite, inputs)
     typer.echo(f"train: {n_train} records → {train_path}\neval: {n_eval} records → {eval_path}")
 
 
@@ -286,12 +328,12 @@ def split(
 @guarded
 def dedupe(
     file: Annotated[str, typer.Argument(help="Data file or folder")],
-    out: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl")],
+    out: OutputOpt,
     fmt: FormatOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Drop exact duplicates (after normalising whitespace and case), keeping the first occurrence."""
-    from data_tools.io import write_jsonl
+    from data_tools.writers import write_records
 
     _check_format(fmt)
     inputs = _claim_outputs(file, [out], overwrite)
@@ -302,5 +344,5 @@ def dedupe(
         if norm not in seen:
             seen.add(norm)
             kept.append(raw)
-    n = write_jsonl(out, kept, overwrite, inputs)
+    n = write_records(out, kept, overwrite, inputs)
     typer.echo(f"kept {n} of {len(rows)} records ({len(rows) - n} duplicates removed) → {out}")

@@ -87,7 +87,7 @@ def test_json_csv_parquet_and_folder(tmp_path):
     assert len(folder.records) == 6
     assert folder.records[0]["where"] == f"{json_path}:2"  # the first object starts on line 2 of the array
     assert folder.records[3]["where"] == f"{csv_path}:3"  # header is line 1
-    assert folder.records[5]["where"] == f"{pq_path}:row 1"
+    assert folder.records[5]["where"] == f"{pq_path}:row 2"  # rows count from 1, like lines
 
 
 def test_csv_with_json_messages(tmp_path):
