@@ -6,15 +6,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FormatName = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "hh_rlhf"]
+FormatName = Literal[
+    "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "hh_rlhf", "unpaired"
+]
 
 
 class SourceConfig(BaseModel):
-    """One data source: a local file or folder, a hub dataset id, or `builtin:tiny-chat`."""
+    """One data source: a local file or folder, a hub dataset id, or a built-in sample (`builtin:tiny-chat`,
+    `builtin:tiny-preference`, `builtin:tiny-unpaired`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    path: str = Field(description="Local file/folder (jsonl, json, parquet, csv), hub dataset id, or builtin:tiny-chat")
+    path: str = Field(
+        description="Local file/folder (jsonl, json, parquet, csv), hub dataset id, or builtin:tiny-chat|tiny-preference|tiny-unpaired"
+    )
     format: FormatName = Field("auto", description="Record format; auto detects it from the first record's keys")
     split: str = Field("train", description="Split to read when path is a hub dataset id")
     weight: float | None = Field(

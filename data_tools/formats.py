@@ -3,6 +3,8 @@
 Conversation: `[{"role": "system"|"user"|"assistant", "content": str}, ...]` (OpenAI messages).
 Preference: `{"prompt": [messages ending with a user turn], "chosen": [assistant message], "rejected": [...]}`,
 which is TRL's conversational preference form.
+Unpaired (KTO): `{"prompt": [messages ending with a user turn], "completion": [assistant message], "label": bool}`,
+TRL's conversational unpaired preference form; `unpair` turns each pair into one desirable and one undesirable record.
 
 Converters raise `Problem` with a reason code; the validator turns it into `FILE:LINE: reason`.
 """
@@ -24,6 +26,8 @@ SHAREGPT_ROLES = {
 }
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 PREFERENCE_FORMATS = ("preference", "hh_rlhf")
+UNPAIRED_FORMATS = ("unpaired",)
+LABEL_TEXT = {"true": True, "false": False}  # CSV cells hold labels as text
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -50,6 +54,8 @@ def detect_format(record: dict[str, Any]) -> str | None:
         return "preference"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
+    if {"prompt", "completion", "label"} <= keys:
+        return "unpaired"
     if "prompt" in keys and "completion" in keys:
         return "prompt_completion"
     if "text" in keys:
@@ -129,6 +135,10 @@ def to_conversation(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     if fmt in PREFERENCE_FORMATS:
         pair = to_preference(record, fmt)
         return pair["prompt"] + pair["chosen"]
+    if fmt in UNPAIRED_FORMATS:
+        raise Problem(
+            "format_mismatch", "an unpaired record (prompt, completion, label) is not a conversation to train on"
+        )
     raise Problem("unknown_format", f"unknown format {fmt!r}")
 
 
@@ -183,3 +193,40 @@ def to_preference(record: dict[str, Any], fmt: str) -> dict[str, list[dict[str, 
     if chosen[0]["content"].strip() == rejected[0]["content"].strip():
         raise Problem("identical_pair", "chosen and rejected are identical")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _prompt(record: dict[str, Any]) -> list[dict[str, str]]:
+    raw = _field(record, "prompt")
+    if isinstance(raw, list):
+        return _messages(raw, "prompt")
+    return [{"role": "user", "content": _text(raw, "prompt")}]
+
+
+def _label(value: Any) -> bool:
+    """A desirable (true) / undesirable (false) label: a JSON boolean, or true/false text (CSV cells)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in LABEL_TEXT:
+        return LABEL_TEXT[value.strip().lower()]
+    shown = repr(value) if isinstance(value, str) else type(value).__name__
+    raise Problem("bad_label", f"label must be true (desirable) or false (undesirable), got {shown}")
+
+
+def to_unpaired(record: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """Unpaired record (string or message-list prompt and completion) → canonical prompt/completion/label."""
+    if fmt not in UNPAIRED_FORMATS:
+        raise Problem("unknown_format", f"format {fmt!r} is not the unpaired format")
+    prompt = _prompt(record)
+    completion = _side(_field(record, "completion"), "completion")
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise Problem("no_assistant", "completion must be one assistant reply")
+    return {"prompt": prompt, "completion": completion, "label": _label(_field(record, "label"))}
+
+
+def unpair(pair: dict[str, Any]) -> list[dict[str, Any]]:
+    """One pair → a desirable (chosen) and an undesirable (rejected) unpaired record; other keys (`where`) kept."""
+    rest = {k: v for k, v in pair.items() if k not in ("prompt", "chosen", "rejected")}
+    return [
+        {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True, **rest},
+        {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False, **rest},
+    ]

@@ -12,11 +12,12 @@ import re
 from typing import Any
 
 _WS = re.compile(r"\s+")
+CONTENT_KEYS = ("messages", "prompt", "chosen", "rejected", "completion", "label")  # absent keys do not change a hash
 
 
 def content_hash(record: dict[str, Any]) -> str:
-    """Hash of a canonical record's content (messages, or prompt/chosen/rejected); metadata like `where` ignored."""
-    content = {k: record[k] for k in ("messages", "prompt", "chosen", "rejected") if k in record}
+    """Hash of a canonical record's content (messages, prompt/chosen/rejected or prompt/completion/label); metadata like `where` ignored."""
+    content = {k: record[k] for k in CONTENT_KEYS if k in record}
     blob = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
 
@@ -33,7 +34,7 @@ def normalized_hash(record: dict[str, Any]) -> str:
             return {k: norm(v) for k, v in x.items()}
         return x
 
-    content = {k: norm(record[k]) for k in ("messages", "prompt", "chosen", "rejected") if k in record}
+    content = {k: norm(record[k]) for k in CONTENT_KEYS if k in record}
     blob = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
 

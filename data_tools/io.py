@@ -20,7 +20,12 @@ from data_tools.encoding import SNIFF_BYTES, compressed_problem, decode, decode_
 from data_tools.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = {"tiny-chat": Path(__file__).parent / "samples" / "tiny_chat.jsonl"}
+SAMPLES = Path(__file__).parent / "samples"
+BUILTINS = {
+    "tiny-chat": SAMPLES / "tiny_chat.jsonl",
+    "tiny-preference": SAMPLES / "tiny_preference.jsonl",
+    "tiny-unpaired": SAMPLES / "tiny_unpaired.jsonl",
+}
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ACCEPTED = ".jsonl, .json, .parquet or .csv"
 JSON_CELL_COLUMNS = ("messages", "conversations", "chosen", "rejected", "prompt", "completion")

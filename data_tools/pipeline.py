@@ -1,5 +1,8 @@
 """Recipe data section → tokenised, masked (and optionally packed) datasets ready for TRL's SFTTrainer.
 
+`prepare_data` is the one entry point for every method (DPO/KTO data is prepared in data_tools.preference), and
+`check_data_kind` tells, cheaply, whether the data fits the method.
+
 Flow: read + validate every source (all problems at once) → canonical messages → tokenise with a batched, parallel,
 cached `datasets.map` → drop records left without trained tokens → hold out eval by content hash → mix sources by
 weight/sample count → shuffle → pack. The tokenised Arrow file is keyed by content + format + tokenizer, so running
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,34 +250,78 @@ def prepare_sft_data(
     return PreparedData(train=train, eval=eval_ds, stats=stats, trainer_kwargs=kwargs)
 
 
-def prepare_preference_data(
-    cfg: DataConfig, *, seed: int = 0, echo=print
-) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
-    """Preference sources → TRL's conversational form (prompt/chosen/rejected message lists), validated.
+def prepare_data(
+    cfg: DataConfig,
+    tokenizer,
+    *,
+    model_dir: Path | None,
+    seed: int,
+    method: str = "sft",
+    cache_dir: Path | None = None,
+    echo=print,
+) -> PreparedData:
+    """The recipe's data for a method: sft → input_ids/labels (prepare_sft_data); dpo → prompt_ids, chosen_ids,
+    rejected_ids; kto → prompt_ids, completion_ids, label (data_tools.preference). Wrong-kind data is an error."""
+    problems = check_data_kind(cfg, method)
+    if problems:
+        if len(problems) == 1:
+            raise DataError(problems[0])
+        raise DataError(f"{len(problems)} data sources do not fit method: {method}", problems)
+    if method == "sft":
+        return prepare_sft_data(cfg, tokenizer, model_dir=model_dir, seed=seed, cache_dir=cache_dir, echo=echo)
+    from data_tools.preference import prepare_preference_data
 
-    Tokenisation is left to TRL's DPOTrainer, which applies the tokenizer's chat template.
+    return prepare_preference_data(cfg, tokenizer, model_dir=model_dir, method=method, echo=echo)
+
+
+ACCEPTED_KINDS = {"sft": ("conversation",), "dpo": ("preference",), "kto": ("unpaired", "preference")}
+NEEDS = {
+    "sft": "conversations (formats alpaca, sharegpt, messages, prompt_completion, text)",
+    "dpo": "preference pairs (prompt/chosen/rejected: formats preference, hh_rlhf)",
+    "kto": "unpaired records (prompt/completion/label: format unpaired) or preference pairs",
+}
+SUGGEST = {
+    "conversation": "use method: sft, or preference data such as builtin:tiny-preference",
+    "preference": "use method: dpo (or kto), or conversation data such as builtin:tiny-chat",
+    "unpaired": "use method: kto, or pairs such as builtin:tiny-preference",
+}
+
+
+def check_data_kind(cfg: DataConfig, method: str) -> list[str]:
+    """Does each source hold the kind of data the method trains on? One key-named line per source that does not.
+
+    Cheap enough for a preflight: reads only up to the first parseable record of each local source. Sources that
+    cannot be read, hub ids (offline) and records whose format cannot be detected are left to the loader, which
+    reports them with FILE:LINE.
     """
-    del seed
-    records, problems, total = [], [], 0
-    eval_records = []
-    for src in cfg.train:
-        lo = load_source(src.path, src.format, src.split, kind="preference")
-        records += lo.records
-        problems += lo.problems
-        total += len(lo.records) + len(lo.problems)
+    from data_tools.formats import detect_format
+    from data_tools.io import read_records, resolve_path
+    from data_tools.validate import KIND_TEXT, data_kind
+
+    if method not in ACCEPTED_KINDS:
+        return []
+    sources = [(f"data.train[{i}]", s) for i, s in enumerate(cfg.train)]
     if cfg.eval is not None:
-        lo = load_source(cfg.eval.path, cfg.eval.format, cfg.eval.split, kind="preference")
-        eval_records, problems = lo.records, problems + lo.problems
-    raise_or_report(Loaded(format="preference", problems=problems), cfg.skip_invalid, echo)
-    if cfg.eval_fraction > 0:
-        held = [in_eval(content_hash(r), cfg.shuffle_seed, cfg.eval_fraction) for r in records]
-        eval_records = [r for r, h in zip(records, held, strict=True) if h]
-        records = [r for r, h in zip(records, held, strict=True) if not h]
-
-    def to_ds(rs):
-        return Dataset.from_dict({k: [r[k] for r in rs] for k in ("prompt", "chosen", "rejected")})
-
-    train = to_ds(records).shuffle(seed=cfg.shuffle_seed)
-    stats = {"records_total": total, "records_skipped": len(problems), "train_records": len(train)}
-    stats["eval_records"] = len(eval_records)
-    return train, (to_ds(eval_records) if eval_records else None), stats
+        sources.append(("data.eval", cfg.eval))
+    problems = []
+    for key, src in sources:
+        fmt, origin = src.format, f"{key}.format"
+        if fmt == "auto":
+            try:
+                if resolve_path(src.path) is None:
+                    continue
+                with closing(read_records(src.path)) as records:
+                    first = next((r for r in records if r.data is not None), None)
+            except DataError:
+                continue
+            fmt = detect_format(first.data) if first is not None else None
+            if fmt is None:
+                continue
+            origin = f"detected from {first.where}"
+        kind = data_kind(fmt)
+        if kind not in ACCEPTED_KINDS[method]:
+            problems.append(
+                f"{key}: {src.path} is in {fmt} format ({KIND_TEXT[kind]}, {origin}), but method: {method} needs "
+                f"{NEEDS[method]}; {SUGGEST[kind]}"
+            )
+    return problems

@@ -27,3 +27,27 @@ def first_sample(row: dict) -> tuple[list[int], list[int]]:
     lengths = row.get("seq_lengths")
     end = lengths[0] if lengths else len(ids)
     return ids[:end], labels[:end]
+
+
+def completion_text(prompt_ids: list[int], completion_ids: list[int], tokenizer, style: str = TRAINED_STYLE) -> Text:
+    """A completion's text as it reads after its prompt (decoded in context, so a leading space survives)."""
+    shown = tokenizer.decode(prompt_ids)
+    return Text(tokenizer.decode(prompt_ids + completion_ids)[len(shown) :], style=style)
+
+
+def preference_view(row: dict, tokenizer):
+    """A DPO pair (prompt, then chosen and rejected side by side) or a KTO record (prompt, then its completion
+    under its label): the prompt is dim (no loss), the completions highlighted (they carry the loss)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    prompt = row["prompt_ids"]
+    sides = ["chosen", "rejected"] if "chosen_ids" in row else ["completion"]
+    table = Table(expand=True, show_lines=False)
+    for side in sides:
+        title = side if side != "completion" else ("desirable" if row["label"] else "undesirable") + " completion"
+        table.add_column(f"{title} ({len(row[f'{side}_ids'])} tokens)", ratio=1)
+    table.add_row(*(completion_text(prompt, row[f"{side}_ids"], tokenizer) for side in sides))
+    cut = ", start cut to fit max_length" if row.get("truncated") else ""
+    head = Text(f"prompt ({len(prompt)} tokens{cut})", style="bold")
+    return Group(head, mask_text(prompt, [-100] * len(prompt), tokenizer), table)

@@ -33,6 +33,53 @@ def dataset_stats(ds: Dataset, max_length: int) -> dict[str, Any]:
     return out
 
 
+def _summary(lengths: np.ndarray) -> dict[str, float]:
+    if not len(lengths):
+        return {"min": 0, "mean": 0.0, "max": 0}
+    out = {"min": int(lengths.min()), "mean": float(lengths.mean())}
+    out.update({f"p{p}": float(np.percentile(lengths, p)) for p in PERCENTILES})
+    out["max"] = int(lengths.max())
+    return out
+
+
+def preference_lengths(ds: Dataset) -> np.ndarray:
+    """Longest sequence of each record as TRL feeds it: prompt + its longest completion (before truncation)."""
+    sides = [c for c in ("chosen_length", "rejected_length", "completion_length") if c in ds.column_names]
+    if len(ds) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(ds["prompt_length"], dtype=np.int64) + np.max(
+        [np.asarray(ds[c], dtype=np.int64) for c in sides], axis=0
+    )
+
+
+def preference_dataset_stats(ds: Dataset, max_length: int) -> dict[str, Any]:
+    """Stats of a `tokenize_preference` dataset: token lengths of prompt and each completion (before truncation),
+    how many records were truncated, pairs or desirable/undesirable counts, duplicates."""
+    sides = [s for s in ("chosen", "rejected", "completion") if f"{s}_length" in ds.column_names]
+    out: dict[str, Any] = {"records": len(ds)}
+    if "label" in ds.column_names:
+        labels = np.asarray(ds["label"], dtype=bool)
+        out["desirable"], out["undesirable"] = int(labels.sum()), int((~labels).sum())
+    else:
+        out["pairs"] = len(ds)
+    out["tokens"] = {k: _summary(np.asarray(ds[f"{k}_length"], dtype=np.int64)) for k in ("prompt", *sides)}
+    out["max_length"] = max_length
+    out["truncated"] = int(np.asarray(ds["truncated"], dtype=bool).sum()) if len(ds) else 0
+    out["duplicates"] = count_duplicates(list(ds["content_hash"]))
+    return out
+
+
+def preference_report(s: dict[str, Any]) -> list[str]:
+    """The lines `finetune data stats` prints for `preference_dataset_stats`."""
+    counts = f"pairs: {s['pairs']}" if "pairs" in s else f"desirable: {s['desirable']}  undesirable: {s['undesirable']}"
+    lines = [f"records: {s['records']}   {counts}   duplicates: {s['duplicates']}", "tokens (before truncation):"]
+    for part, t in s["tokens"].items():
+        pct = "  ".join(f"{k} {v:.0f}" for k, v in t.items() if k.startswith("p"))
+        lines.append(f"  {part:<10} min {t['min']}  mean {t['mean']:.1f}  {pct}  max {t['max']}")
+    lines.append(f"truncated at max_length {s['max_length']}: {s['truncated']} (prompt start cut, BOS kept)")
+    return lines
+
+
 def histogram(lengths: np.ndarray, bins: int = 20) -> list[tuple[int, int, int]]:
     """(low, high, count) buckets of whole token counts, `high` inclusive: buckets never share a value.
 

@@ -15,10 +15,12 @@ from tqdm.auto import tqdm
 from data_tools.errors import DataError
 from data_tools.formats import (
     PREFERENCE_FORMATS,
+    UNPAIRED_FORMATS,
     Problem,
     detect_format,
     to_conversation,
     to_preference,
+    to_unpaired,
 )
 from data_tools.io import RawRecord, read_records
 
@@ -31,6 +33,7 @@ REASON_TEXT = {
     "no_assistant": "no assistant turn",
     "unknown_role": "unknown role",
     "identical_pair": "identical chosen and rejected",
+    "bad_label": "label not true/false",
     "too_long": "longer than max_length (would be truncated)",
     "format_mismatch": "in another format than the file",
 }
@@ -97,7 +100,7 @@ def source_format(raw: list[RawRecord], fmt: str, name: str) -> tuple[str, str |
         raise DataError(
             f"{first.where}: cannot detect the format of {name} from this first record "
             f"(keys: {', '.join(sorted(first.data)) or 'none'}); "
-            "set format: alpaca|sharegpt|messages|prompt_completion|text|preference|hh_rlhf"
+            "set format: alpaca|sharegpt|messages|prompt_completion|text|preference|hh_rlhf|unpaired"
         )
     return detected, first.where
 
@@ -116,16 +119,43 @@ def mismatch(data: dict[str, Any], fmt: str, origin: str | None, name: str) -> P
     )
 
 
+def data_kind(fmt: str) -> str:
+    """The canonical form a format converts to: `preference` (pairs), `unpaired` (labelled single completions) or
+    `conversation`."""
+    if fmt in PREFERENCE_FORMATS:
+        return "preference"
+    return "unpaired" if fmt in UNPAIRED_FORMATS else "conversation"
+
+
+KIND_TEXT = {
+    "conversation": "conversations without chosen/rejected",
+    "preference": "chosen/rejected pairs",
+    "unpaired": "single completions with desirable/undesirable labels",
+}
+
+
 def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = "conversation") -> Loaded:
-    """Read, convert and validate one source. kind: `conversation` (SFT), `preference` (DPO) or `auto` (the format's own)."""
+    """Read, convert and validate one source. kind: `conversation` (SFT), `preference` (DPO), `unpaired` (KTO) or
+    `auto` (the format's own)."""
     # progress bars appear only when reading or checking takes more than two seconds
     raw = list(tqdm(read_records(path, split), desc=f"Reading {path}", unit=" records", delay=2))
     fmt, origin = source_format(raw, fmt, path)
     if kind == "auto":
-        kind = "preference" if fmt in PREFERENCE_FORMATS else "conversation"
+        kind = data_kind(fmt)
     if kind == "preference" and fmt not in PREFERENCE_FORMATS:
         raise DataError(
-            f"{path} is in {fmt!r} format, which has no chosen/rejected pairs; use preference or hh_rlhf data"
+            f"{path} is in {fmt!r} format ({KIND_TEXT[data_kind(fmt)]}), which has no chosen/rejected pairs; "
+            "use preference or hh_rlhf data"
+        )
+    if kind == "unpaired" and fmt not in UNPAIRED_FORMATS:
+        raise DataError(
+            f"{path} is in {fmt!r} format ({KIND_TEXT[data_kind(fmt)]}), not unpaired records with a label; "
+            "use unpaired data (prompt, completion, label), or `finetune data convert --to unpaired` for pairs"
+        )
+    if kind == "conversation" and fmt in UNPAIRED_FORMATS:
+        raise DataError(
+            f"{path} is in {fmt!r} format ({KIND_TEXT['unpaired']}), which holds no conversations to train on; "
+            "use it with method: kto"
         )
     loaded = Loaded(format=fmt)
     for r in tqdm(raw, desc=f"Validating {path}", unit=" records", delay=2):
@@ -137,6 +167,10 @@ def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = 
                 pair = to_preference(r.data, fmt)
                 check_prompt(pair["prompt"])
                 loaded.records.append({**pair, "where": r.where})
+            elif kind == "unpaired":
+                record = to_unpaired(r.data, fmt)
+                check_prompt(record["prompt"])
+                loaded.records.append({**record, "where": r.where})
             else:
                 messages = to_conversation(r.data, fmt)
                 check_conversation(messages)

@@ -12,6 +12,9 @@ from typing import Annotated
 import typer
 
 from finetune.errors import UserError
+from finetune.quiet import install as silence_known_noise
+
+silence_known_noise()  # before any library import that emits it (bitsandbytes logs at import)
 
 app = typer.Typer(
     help="LoRA/QLoRA fine-tuning for Mixtral-architecture MoE models, with real 4-bit experts.",
@@ -37,6 +40,7 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in output_dir")] = False,
+    force: Annotated[bool, typer.Option(help="Train even when `finetune plan` predicts the GPU is too small")] = False,
 ) -> None:
     """Train: load the model in the recipe's quantisation, attach LoRA, run TRL's trainer, save the adapter."""
     try:
@@ -44,17 +48,14 @@ def run(
         from finetune.train import run as run_recipe
 
         loaded = load_recipe(recipe, set_ or [])
-        metrics = run_recipe(loaded, overwrite=overwrite)
+        metrics = run_recipe(loaded, overwrite=overwrite, force=force)
     except UserError as e:  # DataError is one too
         fail(e)
         return
-    out = Path(loaded.output_dir)
-    typer.echo(
-        f"done: loss {metrics['first_loss']:.4f} -> {metrics['final_train_loss']:.4f} in {metrics['steps']} steps, "
-        f"{metrics['tokens_per_second']:.0f} tokens/s"
-    )
-    typer.echo(f"adapter: {out / 'adapter'}")
-    typer.echo(f"metrics: {out / 'metrics.json'}")
+    from finetune.console import summary_lines
+
+    for line in summary_lines(metrics, loaded):
+        typer.echo(line)
 
 
 @app.command()
@@ -62,27 +63,51 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
     set_: SetOption = None,
     explain: Annotated[bool, typer.Option("--explain", help="Describe every recipe key")] = False,
+    overwrite: Annotated[bool, typer.Option(help="As for run: accept an output_dir holding a finished run")] = False,
 ) -> None:
     """Check a recipe completely (no model or data is loaded) and print it with every default resolved."""
+    from finetune.preflight import check
     from finetune.recipe import Recipe, dump_recipe, load_recipe
 
     if explain:
-        from rich.console import Console
-        from rich.table import Table
+        from finetune.console import print_explain
 
-        from finetune.recipe_errors import explain as explain_rows
-
-        table = Table("key", "type", "default", "description", show_lines=False)
-        for row in explain_rows(Recipe):
-            table.add_row(*row)
-        Console(width=200).print(table)
+        print_explain(Recipe)  # fits the terminal's width
     try:
         loaded = load_recipe(recipe, set_ or [])
+        check(loaded, overwrite=overwrite)  # the refusals `run` makes before loading, from the same place
     except UserError as e:  # DataError is one too
         fail(e)
         return
     typer.echo(dump_recipe(loaded), nl=False)
     typer.echo(f"# {recipe}: valid", err=True)
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
+    set_: SetOption = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU from the table, e.g. H100, A100-40, RTX4090, L40S")] = None,
+    gpu_memory: Annotated[str | None, typer.Option(help="Memory per GPU instead of --gpu, e.g. 24GB")] = None,
+    num_gpus: Annotated[int, typer.Option(min=1, help="GPUs; more than one plans FSDP2 sharding")] = 1,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table")] = False,
+) -> None:
+    """Predict memory per GPU and time from the recipe and the model's config.json alone (no weights)."""
+    import json
+
+    from finetune.gpus import DEFAULT_GPU, Gpu, find_gpu, parse_memory
+    from finetune.plan import make_plan, render
+    from finetune.recipe import load_recipe
+
+    try:
+        card = find_gpu(gpu or DEFAULT_GPU)
+        if gpu_memory:
+            card = Gpu(card.name if gpu else f"a {gpu_memory} GPU", parse_memory(gpu_memory), card.bf16_tflops)
+        result = make_plan(load_recipe(recipe, set_ or []), card, num_gpus=num_gpus)
+    except UserError as e:
+        fail(e)
+        return
+    typer.echo(json.dumps(result, indent=2, default=str) if json_ else render(result))
 
 
 @app.command("tiny-model")
@@ -108,6 +133,121 @@ def tiny_model(
     spec = TinySpec(hidden_size, intermediate_size, layers, experts, top_k, heads, kv_heads, seed)
     write_tiny_model(output, spec)
     typer.echo(f"wrote {output}")
+
+
+@app.command()
+def merge(
+    source: Annotated[Path, typer.Argument(help="A finished run folder, or its adapter/ folder")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged checkpoint")],
+    base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's, else the run's recipe)")] = None,
+    onto: Annotated[
+        str, typer.Option(help="original: the 16-bit weights; dequantized: dequant(quant(W))")
+    ] = "original",
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32 | auto (keep the base's)")] = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB")] = "5GB",
+    verify: Annotated[bool, typer.Option(help="Compare merged and unmerged logits (on by default)")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT folder")] = False,
+) -> None:
+    """Merge a run's adapter into its base, shard by shard, in the base's own layout; verified by logits."""
+    from finetune.export.merge_run import MergeVerificationError
+    from finetune.export.merge_run import merge as merge_adapter
+
+    try:
+        merge_adapter(source, output, base=base, onto=onto, dtype=dtype, max_shard_size=max_shard_size,
+                      verify=verify, overwrite=overwrite, echo=typer.echo)  # fmt: skip
+    except UserError as e:
+        fail(e)
+    except MergeVerificationError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("export-adapter")
+def export_adapter(
+    source: Annotated[Path, typer.Argument(help="A finished run folder, or its adapter/ folder")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the exported adapter")],
+    layout: Annotated[str, typer.Option(help="per-expert: a LoRA pair per expert and w1/w2/w3")] = "per-expert",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT folder")] = False,
+) -> None:
+    """Write the adapter in the layout serving engines expect; stock PEFT reads it too."""
+    from finetune.export.adapters import export_adapter as export
+    from finetune.export.adapters import summary_lines
+
+    try:
+        summary = export(source, output, layout=layout, overwrite=overwrite)
+    except UserError as e:
+        fail(e)
+        return
+    for line in summary_lines(summary):
+        typer.echo(line)
+
+
+GenModel = Annotated[
+    str,
+    typer.Option("--model", help="Model or merged folder, run folder (base + adapter), hub id, tiny-random-mixtral"),
+]
+GenAdapter = Annotated[Path | None, typer.Option(help="PEFT adapter folder (RUN/adapter) to put on --model")]
+GenQuantization = Annotated[
+    str,
+    typer.Option(
+        help="auto | nf4 | fp4 | int8 | none. auto: a run folder's own setting; nf4 with --adapter (the base a QLoRA "
+        "adapter was trained on); none for a plain or merged folder"
+    ),
+]
+GenChatFormat = Annotated[
+    str,
+    typer.Option(help="auto | mistral | chatml | template; auto: the run's, or mistral if there is tokenizer.model"),
+]
+GenSystem = Annotated[str | None, typer.Option(help="System prompt (default: the run recipe's data.system_prompt)")]
+GenMaxTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate per reply")]
+GenTemperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy (reproducible)")]
+GenTopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)")]
+GenSeed = Annotated[int | None, typer.Option(help="Seed for sampling (default: random)")]
+
+
+@app.command()
+def generate(
+    model: GenModel,
+    prompt: Annotated[str, typer.Option(help="The user message")],
+    adapter: GenAdapter = None,
+    quantization: GenQuantization = "auto",
+    chat_format: GenChatFormat = "auto",
+    system: GenSystem = None,
+    max_new_tokens: GenMaxTokens = 256,
+    temperature: GenTemperature = 0.7,
+    top_p: GenTopP = 0.95,
+    seed: GenSeed = None,
+) -> None:
+    """Reply to one prompt, streamed, in the chat format the model was trained with (GPU bf16 if present, else CPU fp32)."""
+    from finetune.generate import Sampling, resolve_source, run_generate
+
+    try:
+        source = resolve_source(model, adapter, quantization, chat_format, system)
+        run_generate(source, prompt, Sampling(max_new_tokens, temperature, top_p, seed))
+    except UserError as e:
+        fail(e)
+
+
+@app.command()
+def chat(
+    model: GenModel,
+    adapter: GenAdapter = None,
+    quantization: GenQuantization = "auto",
+    chat_format: GenChatFormat = "auto",
+    system: GenSystem = None,
+    max_new_tokens: GenMaxTokens = 256,
+    temperature: GenTemperature = 0.7,
+    top_p: GenTopP = 0.95,
+    seed: GenSeed = None,
+) -> None:
+    """Chat on stdin/stdout, keeping the conversation; /reset clears it, /exit or EOF ends (works with piped stdin)."""
+    from finetune.generate import Sampling, resolve_source, run_chat
+
+    try:
+        source = resolve_source(model, adapter, quantization, chat_format, system)
+        run_chat(source, Sampling(max_new_tokens, temperature, top_p, seed))
+    except UserError as e:
+        fail(e)
 
 
 def mount_data_commands() -> None:

@@ -17,7 +17,8 @@ import typer
 app = typer.Typer(help="Prepare data: validate, convert, tokenize, preview, stats, split, dedupe", no_args_is_help=True)
 
 FormatOpt = Annotated[
-    str, typer.Option("--format", help="auto|alpaca|sharegpt|messages|prompt_completion|text|preference|hh_rlhf")
+    str,
+    typer.Option("--format", help="auto|alpaca|sharegpt|messages|prompt_completion|text|preference|hh_rlhf|unpaired"),
 ]
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (its model tokenizer and data settings)")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file (never an input)")]
@@ -26,7 +27,8 @@ OutputOpt = Annotated[
     typer.Option("--output", "-o", help="Output file; its extension picks the format: .jsonl, .json, .parquet, .csv"),
 ]
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "hh_rlhf")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "hh_rlhf", "unpaired")
+METHOD_OF_KIND = {"conversation": "sft", "preference": "dpo", "unpaired": "kto"}
 
 
 def guarded(fn):
@@ -78,16 +80,25 @@ def load_context(recipe: Path):
 
 
 def _tokenized(file: str, fmt: str, recipe: Path, *, strict: bool | None = None):
-    """Load, validate and tokenise one file with a recipe's settings → (cfg, tokenizer, loaded, dataset)."""
-    from data_tools.pipeline import format_spec, tokenize_records
-    from data_tools.validate import load_source, raise_or_report
+    """Load, validate and tokenise one file with a recipe's settings → (cfg, tokenizer, dataset, method).
 
+    The file's own kind decides: conversations → input_ids/labels (sft); pairs → prompt_ids, chosen_ids,
+    rejected_ids (dpo); unpaired records → prompt_ids, completion_ids, label (kto)."""
+    from data_tools.pipeline import format_spec, tokenize_records
+    from data_tools.preference import tokenize_preference
+    from data_tools.validate import data_kind, load_source, raise_or_report
+
+    _check_format(fmt)
     cfg, tokenizer, model_dir = load_context(recipe)
-    loaded = load_source(file, fmt, kind="conversation")
+    loaded = load_source(file, fmt, kind="auto")
     raise_or_report(loaded, cfg.skip_invalid if strict is None else not strict, echo=lambda m: typer.echo(m, err=True))
     spec = format_spec(cfg, tokenizer, model_dir)
-    ds = tokenize_records(loaded.records, spec, tokenizer, cfg.max_length, num_proc=cfg.num_proc)
-    return cfg, tokenizer, loaded, ds
+    method = METHOD_OF_KIND[data_kind(loaded.format)]
+    if method == "sft":
+        ds = tokenize_records(loaded.records, spec, tokenizer, cfg.max_length, num_proc=cfg.num_proc)
+    else:
+        ds = tokenize_preference(loaded.records, method, spec, tokenizer, cfg.max_length, cfg.num_proc)
+    return cfg, tokenizer, ds, method
 
 
 @app.command()
@@ -146,25 +157,40 @@ def validate(
 @guarded
 def convert(
     src: Annotated[str, typer.Argument(help="Input file or folder")],
-    to: Annotated[str, typer.Option("--to", help="messages | preference")],
+    to: Annotated[str, typer.Option("--to", help="messages | preference | unpaired")],
     out: OutputOpt,
     fmt: FormatOpt = "auto",
     skip_invalid: Annotated[bool, typer.Option(help="Skip (and count) invalid records")] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Convert to the canonical conversation (messages) or preference (prompt/chosen/rejected) form."""
+    """Convert to the canonical conversation (messages), preference (prompt/chosen/rejected) or unpaired
+    (prompt/completion/label, for KTO: each pair → one desirable and one undesirable record) form."""
     from data_tools.errors import DataError
-    from data_tools.validate import load_source, raise_or_report
+    from data_tools.formats import unpair
+    from data_tools.validate import data_kind, load_source, raise_or_report
     from data_tools.writers import write_records
 
     _check_format(fmt)
-    if to not in ("messages", "preference"):
-        raise DataError(f"--to must be messages or preference, not {to!r}")
+    if to not in ("messages", "preference", "unpaired"):
+        raise DataError(f"--to must be messages, preference or unpaired, not {to!r}")
     inputs = _claim_outputs(src, [out], overwrite)
-    loaded = load_source(src, fmt, kind="conversation" if to == "messages" else "preference")
+    if to == "unpaired":  # unpaired input is rewritten in canonical form; pairs are split in two
+        loaded = load_source(src, fmt, kind="auto")
+        if data_kind(loaded.format) == "conversation":
+            raise DataError(
+                f"{src} is in {loaded.format!r} format (conversations), which has no chosen/rejected pairs to unpair; "
+                "use preference, hh_rlhf or unpaired data"
+            )
+    else:
+        loaded = load_source(src, fmt, kind="conversation" if to == "messages" else "preference")
     raise_or_report(loaded, skip_invalid, echo=lambda m: typer.echo(m, err=True))
-    keys = ("messages",) if to == "messages" else ("prompt", "chosen", "rejected")
-    n = write_records(out, ({k: r[k] for k in keys} for r in loaded.records), overwrite, inputs)
+    keys = {"messages": ("messages",), "preference": ("prompt", "chosen", "rejected")}.get(
+        to, ("prompt", "completion", "label")
+    )
+    records = loaded.records
+    if to == "unpaired":
+        records = [u for r in records for u in (unpair(r) if "chosen" in r else [r])]
+    n = write_records(out, ({k: r[k] for k in keys} for r in records), overwrite, inputs)
     typer.echo(f"wrote {n} records ({loaded.format} → {to}) to {out}")
 
 
@@ -177,13 +203,16 @@ def tokenize(
     fmt: FormatOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write input_ids and labels (before packing) per input record, in input order."""
+    """Write the token ids per input record, in input order: input_ids and labels (before packing) for
+    conversations; prompt_ids, chosen_ids, rejected_ids for pairs; prompt_ids, completion_ids, label for unpaired."""
+    from data_tools.preference import columns
     from data_tools.writers import write_records
 
     _check_format(fmt)
     inputs = _claim_outputs(file, [out], overwrite, suffixes=(".jsonl", ".json", ".parquet"))
-    _, _, _, ds = _tokenized(file, fmt, recipe)
-    rows = ({"where": r["where"], "input_ids": r["input_ids"], "labels": r["labels"]} for r in ds)
+    _, _, ds, method = _tokenized(file, fmt, recipe)
+    keys = ["input_ids", "labels"] if method == "sft" else columns(method)
+    rows = ({"where": r["where"], **{k: r[k] for k in keys}} for r in ds)
     n = write_records(out, rows, overwrite, inputs)
     typer.echo(f"wrote {n} tokenised records to {out}")
 
@@ -196,14 +225,23 @@ def preview(
     n: Annotated[int, typer.Option("-n", help="How many records to show")] = 3,
     fmt: FormatOpt = "auto",
 ) -> None:
-    """Show formatted records; tokens that carry loss are highlighted in green, masked ones are dim."""
+    """Show formatted records; tokens that carry loss are highlighted in green, masked ones are dim.
+
+    Pairs show the prompt, then chosen and rejected side by side; unpaired records their completion and label."""
     from rich.console import Console
     from rich.text import Text
 
-    from data_tools.preview import LEGEND, mask_text
+    from data_tools.preview import LEGEND, mask_text, preference_view
 
-    _, tokenizer, _, ds = _tokenized(file, fmt, recipe)
+    _, tokenizer, ds, method = _tokenized(file, fmt, recipe)
     console = Console()
+    if method != "sft":
+        for row in ds.select(range(min(n, len(ds)))):
+            console.rule()
+            console.print(Text(row["where"], style="bold"), soft_wrap=True)
+            console.print(preference_view(row, tokenizer))
+        console.print(LEGEND)
+        return
     for row in ds.select(range(min(n, len(ds)))):
         ids, labels = row["input_ids"], row["labels"]
         trained = sum(label != -100 for label in labels)
@@ -228,20 +266,28 @@ def stats(
     """Record count, token-length percentiles and histogram, truncation, tokens per role, duplicates.
 
     Tokens per role: a system prompt counts as system even where the chat format puts it inside a user message;
-    `other` is the BOS token and the chat format's own tokens outside the messages.
+    `other` is the BOS token and the chat format's own tokens outside the messages. For preference data: token
+    lengths of prompt, chosen and rejected (or completion), and the histogram of prompt + longest completion.
     """
     import numpy as np
 
-    from data_tools.stats import bucket_label, dataset_stats, histogram, plot_lengths
+    from data_tools import stats as st
 
     _check_format(fmt)
     if plot is not None:
         _claim_outputs(file, [plot], overwrite, suffixes=PLOT_SUFFIXES)
-    cfg, _, _, ds = _tokenized(file, fmt, recipe)
-    s = dataset_stats(ds, cfg.max_length)
+    cfg, _, ds, method = _tokenized(file, fmt, recipe)
+    if method != "sft":
+        lengths = st.preference_lengths(ds)
+        s = st.preference_dataset_stats(ds, cfg.max_length)
+        if not as_json:
+            typer.echo("\n".join(st.preference_report(s)))
+    else:
+        lengths = np.asarray(ds["length"])
+        s = st.dataset_stats(ds, cfg.max_length)
     if as_json:
         typer.echo(json.dumps(s, indent=2))
-    else:
+    elif method == "sft":
         typer.echo(f"records: {s['records']}   tokens: {s['tokens']}   duplicates: {s['duplicates']}")
         pct = "  ".join(f"{k} {v:.0f}" for k, v in s["length_percentiles"].items())
         typer.echo(f"length: min {s['length_min']}  mean {s['length_mean']:.1f}  {pct}  max {s['length_max']}")
@@ -252,21 +298,29 @@ def stats(
             + "  ".join(f"{k} {v}" for k, v in roles.items() if k != "other")
             + f"  other {roles['other']} (BOS and chat-format tokens)"
         )
-        buckets = histogram(np.asarray(ds["length"]))
+    if not as_json:
+        buckets = st.histogram(lengths)
         peak = max((c for _, _, c in buckets), default=1)
-        width = max((len(bucket_label(lo, hi)) for lo, hi, _ in buckets), default=0)
-        typer.echo("tokens per record:")
+        width = max((len(st.bucket_label(lo, hi)) for lo, hi, _ in buckets), default=0)
+        typer.echo("tokens per record:" if method == "sft" else "tokens per record (prompt + longest completion):")
         for lo, hi, c in buckets:
-            typer.echo(f"  {bucket_label(lo, hi):>{width}} {c:>7} {'█' * max(1 if c else 0, round(40 * c / peak))}")
+            typer.echo(f"  {st.bucket_label(lo, hi):>{width}} {c:>7} {'█' * max(1 if c else 0, round(40 * c / peak))}")
     if plot is not None:
-        plot_lengths(np.asarray(ds["length"]), cfg.max_length, plot)
+        st.plot_lengths(lengths, cfg.max_length, plot)
         typer.echo(f"wrote {plot}")
 
 
 def _raw_and_hash(file: str, fmt: str):
     """(raw record, canonical content hash, normalised hash) for every record; invalid records stop the command."""
     from data_tools.errors import DataError
-    from data_tools.formats import PREFERENCE_FORMATS, Problem, to_conversation, to_preference
+    from data_tools.formats import (
+        PREFERENCE_FORMATS,
+        UNPAIRED_FORMATS,
+        Problem,
+        to_conversation,
+        to_preference,
+        to_unpaired,
+    )
     from data_tools.hygiene import content_hash, normalized_hash
     from data_tools.io import read_records
     from data_tools.validate import mismatch, source_format
@@ -279,9 +333,12 @@ def _raw_and_hash(file: str, fmt: str):
             problems.append(f"{r.where}: {r.error}")
             continue
         try:
-            canon = (
-                to_preference(r.data, fmt) if fmt in PREFERENCE_FORMATS else {"messages": to_conversation(r.data, fmt)}
-            )
+            if fmt in PREFERENCE_FORMATS:
+                canon = to_preference(r.data, fmt)
+            elif fmt in UNPAIRED_FORMATS:
+                canon = to_unpaired(r.data, fmt)
+            else:
+                canon = {"messages": to_conversation(r.data, fmt)}
         except Problem as p:
             problems.append(f"{r.where}: {(mismatch(r.data, fmt, origin, file) or p).detail}")
             continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,19 @@ from finetune.tiny import TINY_MODEL_NAME, materialize_builtin
 
 MIXTRAL_ARCHITECTURES = {"MixtralForCausalLM"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "tekken.json"}
+
+
+def device_problem(setting: str) -> str | None:
+    if setting == "cuda" and not torch.cuda.is_available():
+        return "model.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'"
+    return None
 
 
 def resolve_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise UserError("model.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    problem = device_problem(setting)
+    if problem:
+        raise UserError(problem)
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "cuda":
@@ -65,46 +74,155 @@ def resolve_model_dir(path: str, *, revision: str | None = None, allow_pickle: b
         raise UserError(f"model.path: could not fetch {path!r} from the hub: {type(e).__name__}: {e}") from None
 
 
+def local_model_dir(path: str) -> Path | None:
+    """The local folder (or file) `path` names; None for the built-in model (built lazily) and hub ids."""
+    if path == TINY_MODEL_NAME:
+        return None
+    local = Path(path).expanduser()
+    return local if local.exists() else None
+
+
 def check_model_dir(model_dir: Path, settings: ModelSettings) -> dict[str, Any]:
-    """Refuse what we will not load: non-Mixtral architectures and (unless allowed) pickle checkpoints."""
-    config_file = model_dir / "config.json"
-    if not config_file.exists():
-        raise UserError(f"model.path: {model_dir} has no config.json; is it a transformers model folder?")
-    config = json.loads(config_file.read_text())
-    architectures = set(config.get("architectures") or [])
-    if config.get("model_type") != "mixtral" or (architectures and not architectures & MIXTRAL_ARCHITECTURES):
-        found = ", ".join(sorted(architectures)) or config.get("model_type", "unknown")
-        raise UserError(
-            f"model.path: {model_dir} is a {found} model; finetune trains Mixtral-architecture models "
-            "(model_type 'mixtral', MixtralForCausalLM)"
-        )
-    has_safetensors = any(model_dir.glob("*.safetensors"))
-    pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if not has_safetensors and pickles:
-        if not settings.allow_pickle:
-            raise UserError(
-                f"model.path: {model_dir} holds only pickle checkpoints ({', '.join(sorted(pickles)[:3])}), which "
-                "can run arbitrary code when loaded. Convert them to safetensors, or set model.allow_pickle: true "
-                "if you trust the source."
-            )
-        convert_pickle_checkpoint(model_dir, pickles)
-    elif not has_safetensors:
-        raise UserError(f"model.path: {model_dir} has no *.safetensors weights")
+    """Refuse what we will not load (see `model_dir_problems`), then convert allowed pickles to safetensors."""
+    problems = model_dir_problems(model_dir, settings)
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(f"model.path: {model_dir} cannot be loaded", problems)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if not any(model_dir.glob("*.safetensors")):
+        convert_pickle_checkpoint(model_dir, [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES])
     if config.get("auto_map") and not settings.trust_remote_code:
         print(f"note: {model_dir} ships custom code (auto_map); it is not run. The native Mixtral class is used.")
     return config
 
 
+def model_dir_problems(model_dir: Path, settings: ModelSettings) -> list[str]:
+    """Everything wrong with a local model folder that shows without loading weights; writes nothing.
+
+    Non-Mixtral or unreadable config.json, missing tokenizer files, pickle-only checkpoints (unless allowed) or
+    unreadable ones, safetensors whose header is unreadable or whose size disagrees with it (truncated downloads).
+    """
+    if not model_dir.is_dir():
+        return [f"model.path: {model_dir} is a file; give the folder that holds config.json and weights"]
+    problems = config_problems(model_dir)
+    names = {p.name for p in model_dir.iterdir()}
+    if not names & TOKENIZER_FILES and not any(n.startswith("tokenizer.model.v") for n in names):
+        problems.append(
+            f"model.path: {model_dir} has no tokenizer files (tokenizer.json or tokenizer.model); "
+            "copy them from the base model's folder"
+        )
+    shards = sorted(model_dir.glob("*.safetensors"))
+    pickles = sorted(p for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if shards:
+        problems += [p for p in map(safetensors_problem, shards) if p]
+        problems += index_problems(model_dir)
+    elif pickles and not settings.allow_pickle:
+        problems.append(
+            f"model.path: {model_dir} holds only pickle checkpoints ({', '.join(p.name for p in pickles[:3])}), "
+            "which can run arbitrary code when loaded. Convert them to safetensors, or set model.allow_pickle: true "
+            "if you trust the source."
+        )
+    elif pickles:
+        problems += [
+            f"model.path: {p} is not a readable PyTorch checkpoint (not a torch.save zip archive: truncated, "
+            "corrupt or an old format); re-download it or convert it to safetensors"
+            for p in pickles
+            if not is_torch_zip(p)
+        ]
+    else:
+        problems.append(f"model.path: {model_dir} has no *.safetensors weights")
+    return problems
+
+
+def config_problems(model_dir: Path) -> list[str]:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return [f"model.path: {model_dir} has no config.json; is it a transformers model folder?"]
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"{config_file}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(config_file)
+        return [f"model.path: {where}: config.json is not valid JSON text ({e}); re-download it"]
+    if not isinstance(config, dict):
+        return [f"model.path: {config_file} holds a JSON {type(config).__name__}, not an object"]
+    architectures = set(config.get("architectures") or [])
+    if config.get("model_type") != "mixtral" or (architectures and not architectures & MIXTRAL_ARCHITECTURES):
+        found = ", ".join(sorted(map(str, architectures))) or config.get("model_type", "unknown")
+        return [
+            f"model.path: {model_dir} is a {found} model; finetune trains Mixtral-architecture models "
+            "(model_type 'mixtral', MixtralForCausalLM)"
+        ]
+    return []
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Read only the header: its JSON must parse and its data offsets must end exactly at the file's end."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or 8 + length > size:
+                return f"model.path: {file} is truncated or not a safetensors file ({size} bytes); re-download it"
+            header = json.loads(f.read(length))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        expected = 8 + length + max(ends, default=0)
+        if expected != size:
+            what = "truncated" if size < expected else "longer than its header says"
+            return f"model.path: {file} is {what} ({size} bytes, header describes {expected}); re-download it"
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as e:  # bad JSON, missing keys, or safetensors' own checks: all mean a broken file
+        return f"model.path: {file} is not a readable safetensors file ({type(e).__name__}: {e}); re-download it"
+    return None
+
+
+def index_problems(model_dir: Path) -> list[str]:
+    """Shards that model.safetensors.index.json names but the folder lacks (an interrupted download)."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = set(weight_map.values())
+    except Exception as e:  # bad JSON or a different layout
+        return [f"model.path: {index} is not a readable index ({type(e).__name__}: {e})"]
+    missing = sorted(s for s in shards if not (model_dir / s).is_file())
+    return [f"model.path: {model_dir / s} is named in {index.name} but missing; re-download it" for s in missing]
+
+
+def is_torch_zip(file: Path) -> bool:
+    """torch.save's format is a zip with a data.pkl; anything else cannot be memory-mapped and converted."""
+    try:
+        with zipfile.ZipFile(file) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def convert_pickle_checkpoint(model_dir: Path, pickles: list[str]) -> None:
-    """Allowed pickles are converted shard by shard to safetensors in place, so loading stays streaming."""
+    """Allowed pickles are converted shard by shard to safetensors in place, so loading stays streaming.
+
+    Each shard is written to a temporary name and renamed, so a failure never leaves half a safetensors file.
+    """
     from safetensors.torch import save_file
 
     for name in sorted(pickles):
         target = model_dir / (Path(name).stem + ".safetensors")
         if target.exists():
             continue
-        state = torch.load(model_dir / name, map_location="cpu", weights_only=True, mmap=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(target), metadata={"format": "pt"})
+        try:
+            state = torch.load(model_dir / name, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a pickle can fail in many ways; all mean the file is not a usable checkpoint
+            raise UserError(f"model.path: cannot read {model_dir / name}: {type(e).__name__}: {e}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"model.path: {model_dir / name} is not a flat state dict of tensors")
+        tmp = target.with_name(target.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, target)
         del state
 
 
@@ -112,7 +230,10 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token that is never EOS (or EOS labels would be masked)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except Exception as e:  # missing or corrupt tokenizer files raise many types
+        raise UserError(f"model.path: cannot load the tokenizer in {model_dir}: {type(e).__name__}: {e}") from None
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if tokenizer.unk_token is None or tokenizer.unk_token_id == tokenizer.eos_token_id:
             # a new token would lie outside the embedding matrix; better to say so than to grow the model silently

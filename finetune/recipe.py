@@ -8,6 +8,7 @@ before any model or data is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -34,8 +35,16 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
+# Sane ranges: beyond them a value is a typo (1e26 steps, rank 10^6), and would fail late or train nonsense.
+MAX_STEPS = 10**9
+MAX_BATCH = 2**16
+MAX_RANK = 2**16
+SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers' set_seed uses
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf`, `.nan` and overflowing literals like 1.0e+999 are refused everywhere
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(Strict):
@@ -61,8 +70,8 @@ class ModelSettings(Strict):
 
 
 class LoraSettings(Strict):
-    r: int = Field(16, gt=0, description="LoRA rank of the attention adapters")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha of the attention adapters (scale = alpha / r)")
+    r: int = Field(16, gt=0, le=MAX_RANK, description="LoRA rank of the attention adapters")
+    alpha: float = Field(32.0, gt=0, le=1e6, description="LoRA alpha of the attention adapters (scale = alpha / r)")
     dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on attention LoRA inputs (expert LoRA has none, as in PEFT)"
     )
@@ -73,9 +82,11 @@ class LoraSettings(Strict):
         default_factory=lambda: list(EXPERT_PROJECTIONS),
         description="Expert projections that get LoRA, in every expert",
     )
-    expert_r: int | None = Field(None, gt=0, description="LoRA rank of the expert adapters (default: lora.r)")
+    expert_r: int | None = Field(
+        None, gt=0, le=MAX_RANK, description="LoRA rank of the expert adapters (default: lora.r)"
+    )
     expert_alpha: float | None = Field(
-        None, gt=0, description="LoRA alpha of the expert adapters (default: lora.alpha)"
+        None, gt=0, le=1e6, description="LoRA alpha of the expert adapters (default: lora.alpha)"
     )
     router: Literal["frozen", "trainable"] = Field("frozen", description="Keep the router frozen or train it fully")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r)")
@@ -89,7 +100,7 @@ class LoraSettings(Strict):
 
 class MoeSettings(Strict):
     aux_loss: bool = Field(True, description="Add the router load-balancing loss; turning it off must be explicit")
-    aux_loss_coef: float = Field(0.02, ge=0, description="Weight of the load-balancing loss (Mixtral used 0.02)")
+    aux_loss_coef: float = Field(0.02, ge=0, le=10, description="Weight of the load-balancing loss (Mixtral used 0.02)")
     track_expert_load: bool = Field(True, description="Log per-layer expert load, imbalance and router entropy")
 
     @model_validator(mode="after")
@@ -100,25 +111,36 @@ class MoeSettings(Strict):
 
 
 class TrainingSettings(Strict):
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = run num_epochs")
-    num_epochs: float = Field(1.0, gt=0, description="Epochs over the train set when max_steps is -1")
-    seed: int = Field(42, description="Seed for model init of adapters, data order and dropout")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate")
+    max_steps: int = Field(-1, description=f"Optimizer steps to run (1 to {MAX_STEPS}); -1 = run num_epochs")
+    num_epochs: float = Field(1.0, gt=0, le=1e4, description="Epochs over the train set when max_steps is -1")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for model init of adapters, data order and dropout")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate")
     lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate")
-    batch_size: int = Field(1, gt=0, description="Sequences per device per micro-batch")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step")
+    batch_size: int = Field(1, gt=0, le=MAX_BATCH, description="Sequences per device per micro-batch")
+    gradient_accumulation_steps: int = Field(1, gt=0, le=MAX_BATCH, description="Micro-batches per optimizer step")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory")
     optimizer: str = Field("adamw_torch", description="Any transformers optimizer name, e.g. paged_adamw_8bit")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off)")
-    logging_steps: int = Field(10, gt=0, description="Log every N optimizer steps")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (None = at the end only)")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps into checkpoints/ (None = off)")
-    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 = off)")
+    logging_steps: int = Field(10, gt=0, le=MAX_STEPS, description="Log every N optimizer steps")
+    eval_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="Evaluate every N steps (None = at the end only)"
+    )
+    save_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="Checkpoint every N steps into checkpoints/ (None = off)"
+    )
+    save_total_limit: int | None = Field(2, gt=0, le=10**6, description="Keep at most this many checkpoints")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Passthrough to TRL's SFTConfig/DPOConfig for arguments not named here"
     )
+
+    @field_validator("max_steps")
+    @classmethod
+    def _step_count(cls, value: int) -> int:
+        if value != -1 and not 1 <= value <= MAX_STEPS:
+            raise ValueError(f"got {value}; use -1 (run training.num_epochs) or a step count from 1 to {MAX_STEPS}")
+        return value
 
     @field_validator("optimizer")
     @classmethod
@@ -154,20 +176,101 @@ class Recipe(Strict):
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Parse a recipe file; syntax errors name the line and column."""
+    """Parse a recipe file; bad bytes, syntax errors and duplicate keys name the line (and column)."""
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
+    loader = yaml.SafeLoader(recipe_text(path, path.read_bytes()))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        node = loader.get_single_node()
+        duplicates = duplicate_keys(node) if node is not None else []
+        if duplicates:
+            raise UserError(
+                f"{path}: duplicate keys (YAML would silently keep the last one); keep one of each",
+                [f"{path}:{line}: duplicate key {key!r} (first at line {first})" for key, line, first in duplicates],
+            )
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise UserError(f"{where}: YAML syntax error: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: YAML error: {e}") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping of keys (model, lora, data, ...), got {type(data).__name__}")
     return data
+
+
+def duplicate_keys(node: yaml.Node, prefix: str = "", seen: set[int] | None = None) -> list[tuple[str, int, int]]:
+    """(dotted key, line, line of the first occurrence) for every key repeated within one mapping."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias to a node already walked
+        return []
+    seen.add(id(node))
+    found: list[tuple[str, int, int]] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are meant to be overridden
+                continue
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key in first:
+                found.append((key, line, first[key]))
+            first.setdefault(key, line)
+            found += duplicate_keys(value_node, key, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += duplicate_keys(item, f"{prefix}[{i}]", seen)
+    return found
+
+
+NON_PRINTABLE = yaml.reader.Reader.NON_PRINTABLE  # what YAML refuses: control characters other than tab/newline
+CONTROL_NAMES = {"\x1b": "ESC, the start of a terminal colour code such as \\x1b[31m"}
+
+
+def recipe_text(path: Path, raw: bytes) -> str:
+    """The recipe as text, or a `FILE:LINE:COL` error saying what is there when it is not UTF-8 YAML text."""
+    if looks_utf16(raw):
+        raise UserError(f"{path}: the file is UTF-16 text; save it as UTF-8 (a recipe is UTF-8 YAML)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line, column = line_column(raw, e.start)
+        kind = "binary data, not text" if b"\x00" in raw else "text in another encoding (Latin-1? Windows-1252?)"
+        raise UserError(
+            f"{path}:{line}:{column}: byte 0x{raw[e.start]:02x} is not UTF-8: {kind}; a recipe is UTF-8 YAML text"
+        ) from None
+    bad = [(m.start(), m.group()) for m in NON_PRINTABLE.finditer(text)]
+    if bad:
+        problems = []
+        for offset, char in bad[:10]:
+            line, column = line_column(text, offset)
+            code = repr(char)[1:-1]
+            what = CONTROL_NAMES.get(char, "a control character")
+            problems.append(f"{path}:{line}:{column}: {code} ({what}); delete it")
+        raise UserError(
+            f"{path}: {len(bad)} control character(s), which YAML does not allow (pasted from a terminal?)", problems
+        )
+    return text
+
+
+def looks_utf16(raw: bytes) -> bool:
+    """A UTF-16 byte-order mark, or ASCII text with a NUL byte beside every character."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    head = raw[:200]
+    even, odd = head[0::2], head[1::2]
+    return len(head) >= 4 and (even.count(0) == len(even)) != (odd.count(0) == len(odd))
+
+
+def line_column(text: str | bytes, offset: int) -> tuple[int, int]:
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line = text.count(newline, 0, offset) + 1
+    return line, offset - (text.rfind(newline, 0, offset) + 1) + 1
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[str]:
@@ -243,7 +346,9 @@ def extra_problems(data: dict[str, Any]) -> list[str]:
     fields = trainer_config_fields("dpo" if method == "dpo" else "sft")
     config_name = "DPOConfig" if method == "dpo" else "SFTConfig"
     problems = []
-    for name in extra:
+    for name, value in extra.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"training.extra.{name}: got {value}; give a finite number")
         if name in OWNED_TRAINER_ARGS:
             problems.append(f"training.extra.{name}: set by the recipe; use {OWNED_TRAINER_ARGS[name]} instead")
         elif name not in fields:

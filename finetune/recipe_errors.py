@@ -106,7 +106,11 @@ def path_problems(data: dict[str, Any]) -> list[str]:
     problems = []
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     model_path = model.get("path")
-    if isinstance(model_path, str) and model_path not in BUILTIN_MODELS and missing_local(model_path):
+    if isinstance(model_path, str) and not model_path.strip():
+        problems.append(
+            f"model.path: is empty; give a local folder, a hub id (org/name) or the built-in {BUILTIN_MODELS[0]!r}"
+        )
+    elif isinstance(model_path, str) and model_path not in BUILTIN_MODELS and missing_local(model_path):
         problems.append(
             f"model.path: {model_path!r} does not exist; give a local folder, a hub id (org/name) "
             f"or the built-in {BUILTIN_MODELS[0]!r}"
@@ -117,7 +121,9 @@ def path_problems(data: dict[str, Any]) -> list[str]:
     sources.append(("data.eval.path", section.get("eval")))
     for key, source in sources:
         p = source.get("path") if isinstance(source, dict) else None
-        if isinstance(p, str) and not p.startswith("builtin:") and missing_local(p):
+        if isinstance(p, str) and not p.strip():
+            problems.append(f"{key}: is empty; give a data file or folder, a hub dataset id or builtin:tiny-chat")
+        elif isinstance(p, str) and not p.startswith("builtin:") and missing_local(p):
             problems.append(f"{key}: {p!r} does not exist (paths are relative to the current folder)")
     return problems
 

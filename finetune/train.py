@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from finetune.adapter_card import base_reference, set_base_reference, write_card
+from finetune.console import use_readable_progress
+from finetune.divergence import DivergenceGuard
 from finetune.errors import UserError
 from finetune.memory import PeakMemory
 from finetune.model import check_model_dir, load_model, load_tokenizer, resolve_model_dir
@@ -76,8 +79,9 @@ def trainer_arguments(recipe: Recipe, output_dir: Path, device: torch.device, dt
         "per_device_train_batch_size": t.batch_size,
         "per_device_eval_batch_size": t.batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        # transformers 5 names; the old gradient_checkpointing* names warn on every run, even when off
+        "activation_checkpointing": t.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
         "optim": t.optimizer,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
@@ -96,6 +100,7 @@ def trainer_arguments(recipe: Recipe, output_dir: Path, device: torch.device, dt
         "max_length": recipe.data.max_length,
         "router_aux_loss_coef": recipe.moe.aux_loss_coef if recipe.moe.aux_loss else 0.0,
         "disable_tqdm": False,
+        "logging_nan_inf_filter": False,  # a NaN/inf loss must show (and stop the run), not be averaged away
     }
     return {**args, **recipe.training.extra}
 
@@ -128,10 +133,11 @@ def show_first_sample(dataset: Any, tokenizer: Any) -> None:
     console.print(LEGEND)
 
 
-def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
+def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict[str, Any]:
     """Train one recipe end to end and return the metrics written to metrics.json."""
-    if recipe.method != "sft":
-        raise UserError(f"method: {recipe.method!r} is not available yet in this version; use method: sft")
+    from finetune.preflight import check
+
+    check(recipe, overwrite=overwrite)  # every refusal possible before loading; `finetune validate` runs the same
     from trl import SFTConfig, SFTTrainer
 
     from data_tools.pipeline import prepare_sft_data
@@ -146,6 +152,9 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         recipe.model.path, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle
     )
     check_model_dir(model_dir, recipe.model)
+    from finetune.plan import preflight
+
+    preflight(recipe, model_dir, force=force)  # on CUDA, stop before loading when the recipe clearly does not fit
     tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
     prepared = prepare_sft_data(recipe.data, tokenizer, model_dir=model_dir, seed=recipe.training.seed)
     print(data_summary(prepared.stats))
@@ -155,6 +164,8 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
     for line in loaded.summary:
         print(line)
     model = loaded.model
+    base = base_reference(recipe.model.path, model_dir, recipe.model.revision)
+    set_base_reference(model, base)  # adapters name the base portably, not this machine's cache path
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes outputs
     if main_process:
@@ -167,6 +178,7 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
 
         expert_load = ExpertLoadTracker(model)
     tracking = TrackingCallback(tracker, expert_load)
+    divergence = DivergenceGuard()
 
     kwargs = trainer_arguments(recipe, output_dir, loaded.device, loaded.dtype)
     kwargs.update(prepared.trainer_kwargs)
@@ -180,20 +192,16 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
-        callbacks=[tracking],
+        callbacks=[tracking, divergence],
     )
+    use_readable_progress(trainer)  # a readable line per logging step instead of the raw dict
     train_started = time.time()
     with PeakMemory(loaded.device) as train_peak:
         result = trainer.train()
     train_seconds = time.time() - train_started
-    if prepared.eval is not None:
+    if prepared.eval is not None and not divergence.problem:
         trainer.evaluate()  # logged through the tracking callback
-
-    from finetune.moe.lora import save_adapter
-
-    if main_process:
-        save_adapter(model, output_dir / "adapter")
-        tokenizer.save_pretrained(str(output_dir / "adapter"))
+    divergence.check(model)  # a NaN/inf loss or adapter weight stops here: no adapter, no metrics.json
     if expert_load is not None:
         expert_load.remove()
     tracker.close()
@@ -211,6 +219,7 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "wall_seconds": time.time() - started,
         "peak_memory": train_peak.peak,
+        "train_memory_added": train_peak.delta,  # peak above the level when training started (see memory.py)
         "peak_memory_kind": "cuda_max_allocated" if loaded.device.type == "cuda" else "process_rss",
         "load_peak_memory": loaded.load_peak_memory,
         "model_bytes": loaded.report.model_bytes,
@@ -224,5 +233,10 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         "versions": library_versions(),
     }
     if main_process:
+        from finetune.moe.lora import save_adapter
+
+        save_adapter(model, output_dir / "adapter")
+        tokenizer.save_pretrained(str(output_dir / "adapter"))
+        write_card(output_dir / "adapter", recipe, metrics, base)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
     return metrics

@@ -50,7 +50,7 @@ def finished_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Com
 def test_run_writes_the_output_contract(finished_run):
     out, result = finished_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"adapter: {out / 'adapter'}" in result.stdout
+    assert f"outputs in {out}/" in result.stdout and "adapter/" in result.stdout  # the end-of-run summary
     assert "first training record" in result.stdout and "[/INST]" in result.stdout  # the mask preview
     adapter = out / "adapter"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -106,6 +106,28 @@ def test_run_loss_drops_and_adapter_trained(finished_run):
     assert expert_b and attention_b
     # lora_B starts at zero: every one of them moved, on the experts as on attention
     assert all(v.abs().max() > 0 for v in expert_b + attention_b)
+
+
+def test_run_adapter_names_the_given_base_and_has_a_card(finished_run, tiny_model_dir):
+    out, result = finished_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints, "save_steps=6 should have written checkpoints"
+    for checkpoint in checkpoints:  # the adapter files sit directly in each checkpoint (the README says so)
+        saved = json.loads((checkpoint / "adapter_config.json").read_text())
+        assert saved["base_model_name_or_path"] == str(tiny_model_dir)
+        assert (checkpoint / "adapter_model.safetensors").is_file()
+
+    card = (adapter / "README.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"base_model: {tiny_model_dir}" in card
+    assert "`sft`" in card and "builtin:tiny-chat" in card
+    assert f"{metrics['final_train_loss']:.4f}" in card and f"{metrics['eval_loss']:.4f}" in card
+    assert "PeftModel.from_pretrained" in card and "../recipe.yaml" in card
+    assert "[More Information Needed]" not in card  # PEFT's template is gone
 
 
 def test_run_refuses_to_overwrite_a_finished_run(finished_run, tiny_model_dir):

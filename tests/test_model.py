@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from finetune.errors import UserError
-from finetune.model import check_model_dir, load_tokenizer, resolve_dtype, resolve_model_dir
+from finetune.model import (
+    check_model_dir,
+    load_tokenizer,
+    model_dir_problems,
+    resolve_dtype,
+    resolve_model_dir,
+    safetensors_problem,
+)
 from finetune.recipe import ModelSettings
 
 
@@ -32,6 +39,7 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}))
+    (d / "tokenizer.json").write_text("{}")
     torch.save({"w": torch.ones(2, 2)}, d / "pytorch_model.bin")
     with pytest.raises(UserError, match=r"only pickle checkpoints \(pytorch_model.bin\).*model.allow_pickle: true"):
         check_model_dir(d, ModelSettings(path=str(d)))
@@ -110,3 +118,106 @@ def test_tokenizer_without_a_safe_pad_token_is_refused(tmp_path, tiny_model_dir)
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="no pad token and no unk token distinct from EOS"):
         load_tokenizer(d)
+
+
+def copy_model(tmp_path: Path, tiny_model_dir: Path, skip: tuple[str, ...] = ()) -> Path:
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, d, ignore=shutil.ignore_patterns(*skip))
+    return d
+
+
+def test_a_complete_tiny_model_folder_has_no_problems(tiny_model_dir):
+    assert model_dir_problems(tiny_model_dir, ModelSettings(path=str(tiny_model_dir))) == []
+
+
+def test_missing_tokenizer_files_are_named(tmp_path, tiny_model_dir):
+    d = copy_model(tmp_path, tiny_model_dir, skip=("tokenizer*", "special_tokens_map.json"))
+    problems = model_dir_problems(d, ModelSettings(path=str(d)))
+    assert problems == [
+        f"model.path: {d} has no tokenizer files (tokenizer.json or tokenizer.model); copy them from the base "
+        "model's folder"
+    ]
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, -1000, -1])
+def test_truncated_safetensors_are_found_from_the_header(tmp_path, tiny_model_dir, keep):
+    d = copy_model(tmp_path, tiny_model_dir)
+    shard = d / "model.safetensors"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:keep])
+    problem = safetensors_problem(shard)
+    assert problem is not None and problem.startswith(f"model.path: {shard} is ") and "re-download" in problem
+    assert model_dir_problems(d, ModelSettings(path=str(d))) == [problem]
+
+
+def test_safetensors_with_a_garbage_header_are_named(tmp_path):
+    shard = tmp_path / "model.safetensors"
+    header = b"{not json"
+    shard.write_bytes(len(header).to_bytes(8, "little") + header)
+    assert "is not a readable safetensors file (JSONDecodeError" in safetensors_problem(shard)
+
+
+def test_a_shard_named_in_the_index_but_missing(tmp_path, tiny_model_dir):
+    d = copy_model(tmp_path, tiny_model_dir)
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
+    problems = model_dir_problems(d, ModelSettings(path=str(d)))
+    assert problems == [
+        f"model.path: {d / 'model-00002-of-00002.safetensors'} is named in model.safetensors.index.json but "
+        "missing; re-download it"
+    ]
+
+
+@pytest.mark.parametrize("content", [b"{broken", b"\xff\xfe{}", b"[1, 2]"])
+def test_unreadable_config_json_is_named(tmp_path, tiny_model_dir, content):
+    d = copy_model(tmp_path, tiny_model_dir)
+    (d / "config.json").write_bytes(content)
+    problems = model_dir_problems(d, ModelSettings(path=str(d)))
+    assert len(problems) == 1 and problems[0].startswith(f"model.path: {d / 'config.json'}")
+    with pytest.raises(UserError, match=r"config\.json"):
+        check_model_dir(d, ModelSettings(path=str(d)))
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04 truncated zip"])
+def test_corrupt_allowed_pickle_is_refused_and_nothing_is_written(tmp_path, content):
+    d = fake_model_dir(tmp_path, {"model_type": "mixtral"}, {"pytorch_model.bin": content, "tokenizer.json": b"{}"})
+    settings = ModelSettings(path=str(d), allow_pickle=True)
+    problems = model_dir_problems(d, settings)
+    assert problems == [
+        f"model.path: {d / 'pytorch_model.bin'} is not a readable PyTorch checkpoint (not a torch.save zip archive: "
+        "truncated, corrupt or an old format); re-download it or convert it to safetensors"
+    ]
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        check_model_dir(d, settings)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "pytorch_model.bin", "tokenizer.json"]
+
+
+def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path):
+    d = fake_model_dir(tmp_path, {"model_type": "mixtral"}, {"tokenizer.json": b"{}"})
+    torch.save([torch.ones(2)], d / "pytorch_model.bin")
+    with pytest.raises(UserError, match="is not a flat state dict of tensors"):
+        check_model_dir(d, ModelSettings(path=str(d), allow_pickle=True))
+    assert not list(d.glob("*.safetensors*"))
+
+
+def test_corrupt_tokenizer_file_is_a_user_error(tmp_path, tiny_model_dir):
+    d = copy_model(tmp_path, tiny_model_dir, skip=("*.safetensors", "tokenizer.model"))
+    (d / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(UserError, match=r"model.path: cannot load the tokenizer in .*copy"):
+        load_tokenizer(d)
+
+
+def test_zip_pickle_with_garbage_inside_is_a_user_error_and_leaves_no_file(tmp_path):
+    import zipfile
+
+    d = fake_model_dir(tmp_path, {"model_type": "mixtral"}, {"tokenizer.json": b"{}"})
+    with zipfile.ZipFile(d / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02garbage that is not a pickle")
+    settings = ModelSettings(path=str(d), allow_pickle=True)
+    assert model_dir_problems(d, settings) == []  # looks like torch.save's format from the outside
+    with pytest.raises(UserError, match=r"model.path: cannot read .*pytorch_model\.bin: "):
+        check_model_dir(d, settings)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "pytorch_model.bin", "tokenizer.json"]

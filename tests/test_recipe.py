@@ -181,7 +181,79 @@ def test_cli_validate_bad_recipe_exits_2_without_traceback(tmp_path):
 
 
 def test_cli_validate_prints_resolved_recipe_and_explain(tmp_path):
-    out = run_cli("validate", "recipes/tiny-mixtral-sft.yaml", "--set", "training.max_steps=3", "--explain")
+    # output_dir in tmp_path: the shipped one may hold a finished run, which validate (like run) refuses
+    overrides = ("--set", "training.max_steps=3", "--set", f"output_dir={tmp_path / 'out'}")
+    out = run_cli("validate", "recipes/tiny-mixtral-sft.yaml", *overrides, "--explain")
     assert out.returncode == 0, out.stderr
     assert "max_steps: 3" in out.stdout
     assert "lora.expert_r" in out.stdout and "LoRA rank of the expert adapters" in out.stdout
+
+
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path):
+    text = yaml.safe_dump(minimal(tmp_path), sort_keys=False) + "lora:\n  r: 4\nlora:\n  r: 8\n  r: 16\n"
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    lines = len(text.splitlines())
+    assert info.value.problems == [
+        f"{path}:{lines - 2}: duplicate key 'lora' (first at line {lines - 4})",
+        f"{path}:{lines}: duplicate key 'lora.r' (first at line {lines - 1})",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expect"),
+    [
+        (b"model:\n  path: \x1b[1mx\n", ":2:9: \\x1b (ESC, the start of a terminal colour code such as \\x1b[31m)"),
+        ("model:\n  path: x\n".encode("utf-16"), ": the file is UTF-16 text; save it as UTF-8"),
+        (b"model:\n  path: x\xff\n", ":2:10: byte 0xff is not UTF-8: text in another encoding"),
+        (b"\x00\x01\x02\x03\xff\xfa", ":1:5: byte 0xff is not UTF-8: binary data, not text"),
+    ],
+    ids=["ansi", "utf16", "latin1", "binary"],
+)
+def test_recipe_files_that_are_not_utf8_text_name_the_place(tmp_path, raw, expect):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert f"{path}{expect}" in str(info.value)
+
+
+def test_a_utf8_byte_order_mark_is_fine(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(minimal(tmp_path)).encode())
+    assert load_recipe(path).model.path == "tiny-random-mixtral"
+
+
+def test_the_edges_of_every_range_are_accepted(tmp_path):
+    path = write(tmp_path, minimal(tmp_path))
+    edges = [
+        "training.max_steps=1000000000",
+        "training.learning_rate=1",
+        "training.num_epochs=10000",
+        "training.seed=4294967295",
+        "data.max_length=1048576",
+        "lora.r=65536",
+        "training.batch_size=65536",
+    ]
+    r = load_recipe(path, edges)
+    assert (r.training.max_steps, r.training.learning_rate, r.data.max_length, r.lora.r) == (10**9, 1, 2**20, 2**16)
+    assert load_recipe(path, ["training.max_steps=-1"]).training.max_steps == -1
+    assert load_recipe(path, ["training.max_steps=1"]).training.max_steps == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "-2", "1000000001", ".inf"])
+def test_max_steps_is_minus_one_or_a_step_count(tmp_path, value):
+    problems = problems_of(write(tmp_path, minimal(tmp_path)), (f"training.max_steps={value}",))
+    assert len(problems) == 1 and problems[0].startswith("training.max_steps: got ")
+
+
+def test_empty_model_and_data_paths_name_the_key(tmp_path):
+    data = minimal(tmp_path)
+    data["model"]["path"] = ""
+    data["data"]["train"][0]["path"] = " "
+    problems = problems_of(write(tmp_path, data))
+    assert problems == [
+        "model.path: is empty; give a local folder, a hub id (org/name) or the built-in 'tiny-random-mixtral'",
+        "data.train[0].path: is empty; give a data file or folder, a hub dataset id or builtin:tiny-chat",
+    ]

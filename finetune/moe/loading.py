@@ -28,12 +28,12 @@ from finetune.moe.quantized import FOUR_BIT, QUANTIZATIONS, QuantizedExperts
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GROUPS = ("attention", "experts", "router", "embeddings", "norms", "lm_head")
 
-_PER_EXPERT = re.compile(
+PER_EXPERT_KEY = re.compile(
     r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
 )
-_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
-_PIECE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
+PIECE_OF = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
 class Float32Router(MixtralTopKRouter):
@@ -199,11 +199,19 @@ def _read_config(path: Path) -> MixtralConfig:
     return MixtralConfig.from_pretrained(str(path))
 
 
-def _shard_files(path: Path) -> list[Path]:
+def shard_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files, in order; a broken index or a missing shard is a UserError naming it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        missing = [name for name in names if not (path / name).is_file()]
+        if missing:
+            raise UserError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
+        return [path / name for name in names]
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
@@ -213,7 +221,13 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
-def _keys_of(file: Path) -> list[str]:
+def _layer_of(key: str) -> int:
+    """The decoder layer a checkpoint key belongs to (-1 for embeddings, norm, lm_head)."""
+    m = re.match(r"^model\.layers\.(\d+)\.", key)
+    return int(m.group(1)) if m else -1
+
+
+def keys_of(file: Path) -> list[str]:
     with safe_open(str(file), framework="pt") as f:
         return list(f.keys())
 
@@ -233,18 +247,18 @@ def _check_keys(keys: list[str], model: MixtralForCausalLM, config: MixtralConfi
     for key in keys:
         if key.endswith("rotary_emb.inv_freq"):
             continue
-        if m := _PER_EXPERT.match(key):
+        if m := PER_EXPERT_KEY.match(key):
             layer, expert = int(m.group(1)), int(m.group(2))
             if layer >= n_layers or expert >= n_experts:
                 unexpected.append(key)
-            pieces[(layer, expert)].add(_PIECE[m.group(3)])
-        elif m := _FUSED.match(key):
+            pieces[(layer, expert)].add(PIECE_OF[m.group(3)])
+        elif m := FUSED_KEY.match(key):
             layer = int(m.group(1))
             if layer >= n_layers:
                 unexpected.append(key)
             for e in range(n_experts):
                 pieces[(layer, e)].update(("gate", "up") if m.group(2) == "gate_up_proj" else ("down",))
-        elif m := _ROUTER.match(key):
+        elif m := ROUTER_KEY.match(key):
             routers.add(int(m.group(1)))
         elif key in plain:
             seen_plain.add(key)
@@ -350,8 +364,12 @@ def load_mixtral(
     device: str | torch.device = "cpu",
     double_quant: bool = True,
     blocksize: int = 64,
+    num_layers: int | None = None,
 ) -> tuple[MixtralForCausalLM, LoadReport]:
-    """Load a local Mixtral checkpoint with its experts (and attention) quantised as each tensor streams in."""
+    """Load a local Mixtral checkpoint with its experts (and attention) quantised as each tensor streams in.
+
+    `num_layers` keeps only the first decoder layers (a truncated model, for checks that cannot hold the whole one).
+    """
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}", [f"choose one of {', '.join(QUANTIZATIONS)}"])
     path = Path(path)
@@ -359,22 +377,25 @@ def load_mixtral(
     config = _read_config(path)
     config.dtype = dtype
     config.name_or_path = str(path)  # PEFT records it as base_model_name_or_path
-    files = _shard_files(path)
-    keys = [key for file in files for key in _keys_of(file)]
+    if num_layers is not None:
+        config.num_hidden_layers = min(num_layers, config.num_hidden_layers)
+    files = shard_files(path)
+    keys = [key for file in files for key in keys_of(file) if _layer_of(key) < config.num_hidden_layers]
 
     model = _build_skeleton(config, quantization, dtype, device, double_quant, blocksize)
     _check_keys(keys, model, config)
+    wanted = set(keys)
     layers = model.model.layers
     pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     place = dict(quantization=quantization, dtype=dtype, device=device, blocksize=blocksize, double_quant=double_quant)
-    for file, key in [(shard, key) for shard in files for key in _keys_of(shard)]:
+    for file, key in [(shard, key) for shard in files for key in keys_of(shard) if key in wanted]:
         if key.endswith("rotary_emb.inv_freq"):
             continue
         # One short-lived handle per tensor: the file mapping (which counts as resident memory) is dropped as soon
         # as the tensor is placed, so loading never holds more than one checkpoint tensor.
         with safe_open(str(file), framework="pt") as f:
-            if m := _PER_EXPERT.match(key):
-                layer, expert, piece = int(m.group(1)), int(m.group(2)), _PIECE[m.group(3)]
+            if m := PER_EXPERT_KEY.match(key):
+                layer, expert, piece = int(m.group(1)), int(m.group(2)), PIECE_OF[m.group(3)]
                 experts = layers[layer].mlp.experts
                 if piece == "down":
                     experts.set_expert("down_proj", expert, f.get_tensor(key).to(dtype))
@@ -384,12 +405,12 @@ def load_mixtral(
                 if len(halves) == 2:  # gate rows first, then up: [w1; w3]
                     experts.set_expert("gate_up_proj", expert, torch.cat([halves["gate"], halves["up"]]))
                     del pending[(layer, expert)]
-            elif m := _FUSED.match(key):
+            elif m := FUSED_KEY.match(key):
                 experts = layers[int(m.group(1))].mlp.experts
                 stacked = f.get_slice(key)  # read one expert at a time, never the whole stack
                 for e in range(experts.num_experts):
                     experts.set_expert(m.group(2), e, stacked[e].to(dtype))
-            elif m := _ROUTER.match(key):
+            elif m := ROUTER_KEY.match(key):
                 _place(model, f"model.layers.{m.group(1)}.mlp.gate.weight", f.get_tensor(key), **place)
             else:
                 _place(model, key, f.get_tensor(key), **place)

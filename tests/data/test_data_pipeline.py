@@ -111,18 +111,20 @@ def test_config_rejects_bad_settings():
         DataConfig(train=[{"path": "x", "format": "yaml"}])
 
 
-def test_preference_data_in_trl_conversational_form(tmp_path, write_jsonl):
-    from data_tools.pipeline import prepare_preference_data
+def test_preference_data_tokenised_with_skips_and_holdout(tmp_path, write_jsonl, tokenizer, tiny_model_dir):
+    from data_tools.pipeline import prepare_data
 
     rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(30)]
     rows.append({"prompt": "q", "chosen": "same", "rejected": "same"})
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     cfg = DataConfig(train=[{"path": str(path)}], eval_fraction=0.2)
     with pytest.raises(DataError) as err:
-        prepare_preference_data(cfg)
+        prepare_data(cfg, tokenizer, model_dir=tiny_model_dir, seed=0, method="dpo")
     assert err.value.problems == [f"{path}:31: chosen and rejected are identical"]
     cfg = DataConfig(train=[{"path": str(path)}], eval_fraction=0.2, skip_invalid=True)
-    train, held, stats = prepare_preference_data(cfg, echo=lambda _: None)
-    assert stats["records_skipped"] == 1 and len(train) + len(held) == 30
-    row = train[0]
-    assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+    prepared = prepare_data(cfg, tokenizer, model_dir=tiny_model_dir, seed=0, method="dpo", echo=lambda _: None)
+    stats = prepared.stats
+    assert stats["records_skipped"] == 1 and stats["skipped_by_reason"] == {"identical_pair": 1}
+    assert len(prepared.train) + len(prepared.eval) == 30 == stats["train_records"] + stats["eval_records"]
+    assert prepared.train.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
+    assert stats["pairs"] == len(prepared.train) and stats["truncated"] == 0

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from finetune.moe import QuantizedExperts
@@ -61,69 +57,6 @@ def stock_model_from(ours) -> MixtralForCausalLM:
     return stock
 
 
-def write_raw_mixtral(path, config: MixtralConfig, *, dtype=torch.bfloat16, layout="per_expert", shards=1, seed=0):
-    """Write a random Mixtral checkpoint tensor by tensor (fast for big experts); layout per_expert or fused."""
-    path.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(path))
-    g = torch.Generator().manual_seed(seed)
-    h, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
-    hd = h // config.num_attention_heads
-    kv = config.num_key_value_heads * hd
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
-
-    tensors = {"model.embed_tokens.weight": rnd(config.vocab_size, h), "model.norm.weight": torch.ones(h, dtype=dtype)}
-    tensors["lm_head.weight"] = rnd(config.vocab_size, h)
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}"
-        tensors[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=dtype)
-        tensors[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype)
-        for proj, shape in {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h)}.items():
-            tensors[f"{p}.self_attn.{proj}.weight"] = rnd(*shape)
-        tensors[f"{p}.block_sparse_moe.gate.weight"] = rnd(e, h)
-        if layout == "fused":
-            tensors[f"{p}.mlp.experts.gate_up_proj"] = rnd(e, 2 * f, h)
-            tensors[f"{p}.mlp.experts.down_proj"] = rnd(e, h, f)
-        else:
-            for x in range(e):
-                for w, shape in {"w1": (f, h), "w2": (h, f), "w3": (f, h)}.items():
-                    tensors[f"{p}.block_sparse_moe.experts.{x}.{w}.weight"] = rnd(*shape)
-    keys = list(tensors)
-    per_shard = math.ceil(len(keys) / shards)
-    if shards == 1:
-        save_file(tensors, str(path / "model.safetensors"))
-        return path
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in keys[i * per_shard : (i + 1) * per_shard]}
-        save_file(part, str(path / name))
-        weight_map.update(dict.fromkeys(part, name))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
-
-
 @pytest.fixture
 def stock_from():
     return stock_model_from
-
-
-@pytest.fixture
-def raw_writer():
-    return write_raw_mixtral
-
-
-def random_lora_(model, seed: int = 0, std: float = 0.05) -> None:
-    """Give every trainable LoRA / router weight non-zero random values (zero B would prove nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g) * std
-                p.copy_((p.float() + noise if "gate" in name and "lora" not in name else noise).to(p.dtype))
-
-
-@pytest.fixture
-def randomize_lora():
-    return random_lora_

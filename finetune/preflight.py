@@ -1,0 +1,146 @@
+"""Everything a recipe can be refused for before weights load, in one place that `validate` and `run` both call.
+
+`load_recipe` checks the schema; `preflight` checks the world the recipe points at: the method is available, the
+device exists, output_dir can be written, the model folder is a readable Mixtral with a tokenizer, every data source
+has data, and the chat template parses. It reads headers and small files only, never weights or records, and writes
+nothing (the writability probe removes what it creates). Hub ids cannot be checked offline and are left to load time;
+the built-in tiny model is accepted by name and not built here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.model import device_problem, load_tokenizer, local_model_dir, model_dir_problems
+from finetune.recipe import Recipe
+
+# What a finished run leaves (as finetune.train.FINISHED_MARKERS; not imported, as train pulls in the trainer stack).
+FINISHED_MARKERS = ("metrics.json", "adapter")
+# Methods `finetune run` can train today. When a method lands, this is the only line that changes.
+AVAILABLE_METHODS = ("sft",)
+
+
+def check(recipe: Recipe, *, overwrite: bool = False) -> None:
+    """Raise one UserError listing every problem `preflight` finds."""
+    problems = preflight(recipe, overwrite=overwrite)
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) found before loading the model", problems)
+
+
+def preflight(recipe: Recipe, *, overwrite: bool = False) -> list[str]:
+    """Every problem that would stop `finetune run` before the weights load, one key-named line each."""
+    problems = method_problems(recipe.method)
+    problem = device_problem(recipe.model.device)
+    if problem:
+        problems.append(problem)
+    problems += output_dir_problems(recipe.output_dir, overwrite=overwrite)
+    model_dir = local_model_dir(recipe.model.path)
+    tokenizer = None
+    if model_dir is not None:
+        model_problems = model_dir_problems(model_dir, recipe.model)
+        problems += model_problems
+        if not model_problems:
+            try:
+                tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+            except UserError as e:
+                problems.append(str(e))
+    problems += data_problems(recipe)
+    problems += chat_format_problems(recipe, model_dir, tokenizer)
+    return problems
+
+
+def method_problems(method: str) -> list[str]:
+    if method in AVAILABLE_METHODS:
+        return []
+    return [f"method: {method!r} is not available yet in this version; use method: {' or '.join(AVAILABLE_METHODS)}"]
+
+
+def output_dir_problems(output_dir: str, *, overwrite: bool) -> list[str]:
+    """output_dir must be a folder we can create and write, and not hold a finished run unless --overwrite."""
+    if not output_dir.strip():
+        return ["output_dir: is empty; give a folder for the run's outputs, e.g. outputs/my-run"]
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        return [f"output_dir: {path} is an existing file; give a folder (new or one of earlier runs)"]
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"output_dir: {path} cannot be created: {existing} is a file, not a folder"]
+    try:  # os.access is not enough: root passes it on read-only mounts, so create and remove a probe folder
+        os.rmdir(tempfile.mkdtemp(prefix=".finetune-probe-", dir=existing))
+    except OSError as e:
+        verb = "written" if existing == path else "created"
+        return [f"output_dir: {path} cannot be {verb} ({e.strerror} in {existing}); choose a writable folder"]
+    finished = [m for m in FINISHED_MARKERS if (path / m).exists()]
+    if finished and not overwrite:
+        return [
+            f"output_dir: {path} already holds a finished run ({', '.join(finished)}); "
+            "pass --overwrite to replace it, or set output_dir to a new folder (e.g. --set output_dir=...)"
+        ]
+    return []
+
+
+def data_problems(recipe: Recipe) -> list[str]:
+    """Cheap checks of every data source (data_tools.io.check_source), prefixed by the source's key."""
+    from data_tools.io import check_source
+
+    sources = [(f"data.train[{i}].path", s) for i, s in enumerate(recipe.data.train)]
+    if recipe.data.eval is not None:
+        sources.append(("data.eval.path", recipe.data.eval))
+    return [f"{key}: {problem}" for key, source in sources for problem in check_source(source.path)]
+
+
+def chat_format_problems(recipe: Recipe, model_dir: Path | None, tokenizer: Any) -> list[str]:
+    """The mistral format needs the model's tokenizer.model; the template format needs a template that parses."""
+    from data_tools.chat import mistral_tokenizer_file
+    from data_tools.errors import DataError
+
+    data = recipe.data
+    if data.chat_format == "mistral":
+        if model_dir is None or not model_dir.is_dir():
+            return []
+        try:
+            mistral_tokenizer_file(model_dir)
+        except DataError as e:
+            return [f"data.{e}"]  # the message starts with "chat_format: mistral needs ..."
+        return []
+    if data.chat_format != "template":
+        return []
+    if data.chat_template:
+        return template_problems(data.chat_template)
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        return [
+            "data.chat_template: chat_format is template but it is not set and the tokenizer has no chat template; "
+            "give a Jinja template (text or file), or use chat_format: mistral or chatml"
+        ]
+    if tokenizer is not None:
+        return template_problems(tokenizer.chat_template, where=f"the chat template of {model_dir}")
+    return []
+
+
+def template_problems(template: str, where: str | None = None) -> list[str]:
+    """A template file must exist and be UTF-8; its Jinja must parse (compiled as transformers compiles it)."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    text = template
+    if where is None and "{" not in template:  # a file path, as data_tools.chat.resolve_template reads it
+        file = Path(template).expanduser()
+        if not file.is_file():
+            return [f"data.chat_template: file not found: {template} (a template file, or Jinja text with {{ }})"]
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            return [f"data.chat_template: {file} cannot be read as UTF-8 text ({e})"]
+        where = str(file)
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as e:
+        place = f"{where}:{e.lineno}" if where else f"line {e.lineno} of the template text"
+        return [f"data.chat_template: {place}: Jinja syntax error: {e.message}"]
+    return []
