@@ -256,7 +256,9 @@ class LoadedModel:
     summary: list[str] = field(default_factory=list)
 
 
-def load_model(settings: ModelSettings, lora: LoraSettings, model_dir: Path, *, train_aux: bool) -> LoadedModel:
+def load_model(
+    settings: ModelSettings, lora: LoraSettings, model_dir: Path, *, train_aux: bool, init_adapter: Path | None = None
+) -> LoadedModel:
     """Load the base in the recipe's quantisation and attach LoRA; print what is quantised and what LoRA targets."""
     from finetune.moe.loading import load_mixtral
     from finetune.moe.lora import apply_lora, lora_summary
@@ -274,17 +276,22 @@ def load_model(settings: ModelSettings, lora: LoraSettings, model_dir: Path, *, 
     if settings.attn_implementation:
         base.set_attn_implementation(settings.attn_implementation)
     base.config.output_router_logits = train_aux
-    model = apply_lora(
-        base,
-        attention_targets=list(lora.attention_targets),
-        r=lora.r,
-        alpha=lora.alpha,
-        dropout=lora.dropout,
-        expert_targets=list(lora.expert_targets),
-        expert_r=lora.expert_r or lora.r,
-        expert_alpha=lora.expert_alpha or lora.alpha,
-        train_router=lora.router == "trainable",
-        use_rslora=lora.use_rslora,
-    )
+    if init_adapter is not None:  # continue from a trained adapter (e.g. SFT before DPO): its own targets and ranks
+        from finetune.moe.lora import load_adapter
+
+        model = load_adapter(base, init_adapter, is_trainable=True, dropout=lora.dropout)
+    else:
+        model = apply_lora(
+            base,
+            attention_targets=list(lora.attention_targets),
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            expert_targets=list(lora.expert_targets),
+            expert_r=lora.expert_r or lora.r,
+            expert_alpha=lora.expert_alpha or lora.alpha,
+            train_router=lora.router == "trainable",
+            use_rslora=lora.use_rslora,
+        )
     summary = [*report.summary_lines(), *lora_summary(model)]
     return LoadedModel(model, model_dir, device, dtype, peak.peak, report, summary)

@@ -100,9 +100,12 @@ class TrackingCallback(TrainerCallback):
         self.last_aux_loss: float | None = None
         self.eval_loss: float | None = None
         self.num_tokens: float | None = None
+        self.last_logs: dict[str, Any] = {}  # the latest value of every train-time key (rewards/…, accuracy, …)
+        self.eval_logs: dict[str, Any] = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
+        (self.eval_logs if any(k.startswith("eval_") for k in logs) else self.last_logs).update(logs)
         if "loss" in logs:
             self.first_loss = logs["loss"] if self.first_loss is None else self.first_loss
             self.last_loss = logs["loss"]

@@ -118,19 +118,16 @@ def data_summary(stats: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def show_first_sample(dataset: Any, tokenizer: Any) -> None:
-    """Print the first training record with its loss mask, so every run shows what it trains on."""
-    from rich.console import Console
+def init_adapter(recipe: Recipe) -> Path | None:
+    """The adapter a preference run starts from (`dpo.init_adapter`): the folder itself or its adapter/."""
+    from finetune.recipe import method_settings
 
-    from data_tools.preview import LEGEND, first_sample, mask_text
-
-    if len(dataset) == 0:
-        return
-    ids, labels = first_sample(dataset[0])
-    console = Console()
-    console.print(f"first training record ({len(ids)} tokens, {sum(x != -100 for x in labels)} trained):")
-    console.print(mask_text(ids, labels, tokenizer))
-    console.print(LEGEND)
+    settings = method_settings(recipe)
+    path = getattr(settings, "init_adapter", None)
+    if not path:
+        return None
+    folder = Path(path).expanduser()
+    return folder / "adapter" if (folder / "adapter" / "adapter_config.json").is_file() else folder
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict[str, Any]:
@@ -138,9 +135,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict
     from finetune.preflight import check
 
     check(recipe, overwrite=overwrite)  # every refusal possible before loading; `finetune validate` runs the same
-    from trl import SFTConfig, SFTTrainer
+    from data_tools.pipeline import prepare_data
+    from finetune.methods import METHODS
 
-    from data_tools.pipeline import prepare_sft_data
+    method = METHODS[recipe.method]
 
     started = time.time()
     output_dir = Path(recipe.output_dir)
@@ -156,11 +154,15 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict
 
     preflight(recipe, model_dir, force=force)  # on CUDA, stop before loading when the recipe clearly does not fit
     tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
-    prepared = prepare_sft_data(recipe.data, tokenizer, model_dir=model_dir, seed=recipe.training.seed)
+    prepared = prepare_data(
+        recipe.data, tokenizer, model_dir=model_dir, seed=recipe.training.seed, method=recipe.method
+    )
     print(data_summary(prepared.stats))
-    show_first_sample(prepared.train, tokenizer)
+    method.show_first_record(prepared.train, tokenizer)
 
-    loaded = load_model(recipe.model, recipe.lora, model_dir, train_aux=recipe.moe.aux_loss)
+    loaded = load_model(
+        recipe.model, recipe.lora, model_dir, train_aux=recipe.moe.aux_loss, init_adapter=init_adapter(recipe)
+    )
     for line in loaded.summary:
         print(line)
     model = loaded.model
@@ -185,15 +187,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict
     if prepared.eval is not None:
         kwargs.update(eval_strategy="steps" if recipe.training.eval_steps else "no")
         kwargs.update(eval_steps=recipe.training.eval_steps)
-    config = SFTConfig(**kwargs)
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
-        processing_class=tokenizer,
-        callbacks=[tracking, divergence],
-    )
+    trainer = method.build_trainer(recipe, model, tokenizer, prepared, kwargs, [tracking, divergence])
     use_readable_progress(trainer)  # a readable line per logging step instead of the raw dict
     train_started = time.time()
     with PeakMemory(loaded.device) as train_peak:
@@ -213,6 +207,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict
         "train_loss_mean": result.training_loss,
         "eval_loss": tracking.eval_loss,
         "aux_loss": tracking.last_aux_loss,
+        **{key: tracking.last_logs.get(key) for key in method.SUMMARY_KEYS if key in tracking.last_logs},
+        **{
+            f"eval_{key}": tracking.eval_logs[f"eval_{key}"]
+            for key in method.SUMMARY_KEYS
+            if f"eval_{key}" in tracking.eval_logs
+        },
+        "method": recipe.method,
         "steps": result.global_step,
         "tokens_trained": tokens,
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,

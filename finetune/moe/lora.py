@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper, set_peft_model_state_dict
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from finetune.errors import UserError
+from finetune.moe.peft_model import MixtralPeftModel
 from finetune.moe.quantized import PROJECTIONS, ExpertLoraFactors, QuantizedExperts
 
 EXPERT_PREFIX = "mlp.experts."
@@ -162,7 +163,9 @@ def _build(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    config.base_model_name_or_path = model.__dict__.get("name_or_path") or None
+    # as get_peft_model would build it, but with add_adapter/set_adapter that reach the expert layers (TRL's ref)
+    peft_model = MixtralPeftModel(model, config, adapter_name=adapter_name)
 
     for name, module in list(peft_model.named_modules()):
         if not isinstance(module, QuantizedExperts):

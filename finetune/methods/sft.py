@@ -1,0 +1,35 @@
+"""Supervised fine-tuning: TRL's SFTTrainer on data_tools' tokenised (and possibly packed) rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SUMMARY_KEYS = ("mean_token_accuracy", "entropy")
+
+
+def build_trainer(recipe, model, tokenizer, prepared, args: dict[str, Any], callbacks: list):
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=SFTConfig(**args),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def show_first_record(dataset, tokenizer) -> None:
+    """Print the first training record with its loss mask, so every run shows what it trains on."""
+    from rich.console import Console
+
+    from data_tools.preview import LEGEND, first_sample, mask_text
+
+    if len(dataset) == 0:
+        return
+    ids, labels = first_sample(dataset[0])
+    console = Console()
+    console.print(f"first training record ({len(ids)} tokens, {sum(x != -100 for x in labels)} trained):")
+    console.print(mask_text(ids, labels, tokenizer))
+    console.print(LEGEND)
