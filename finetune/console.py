@@ -42,6 +42,7 @@ def train_line(logs: dict[str, Any], step: int, max_steps: int, tokens_per_s: fl
         parts.append(f"grad norm {logs['grad_norm']:.3g}")
     if "aux_loss" in logs:
         parts.append(f"aux {logs['aux_loss']:.4f}")
+    parts += preference_parts(logs, "")
     if tokens_per_s:
         parts.append(f"{tokens_per_s:,.0f} tok/s")
     if eta_s is not None and step < max_steps:
@@ -49,11 +50,22 @@ def train_line(logs: dict[str, Any], step: int, max_steps: int, tokens_per_s: fl
     return "  ".join(parts)
 
 
+def preference_parts(logs: dict[str, Any], prefix: str) -> list[str]:
+    """DPO/KTO: how often the chosen answer wins, and by how much (TRL's rewards/* figures)."""
+    parts = []
+    if f"{prefix}rewards/accuracies" in logs:
+        parts.append(f"reward acc {logs[f'{prefix}rewards/accuracies']:.0%}")
+    if f"{prefix}rewards/margins" in logs:
+        parts.append(f"margin {logs[f'{prefix}rewards/margins']:.3f}")
+    return parts
+
+
 def eval_line(logs: dict[str, Any], step: int, max_steps: int) -> str:
     """`eval  step 60/60  loss 7.6010  accuracy 12.5%  9 s`."""
     parts = [f"eval  step {step}/{max_steps}", f"loss {logs['eval_loss']:.4f}"]
-    if "eval_mean_token_accuracy" in logs:
+    if "eval_mean_token_accuracy" in logs and "eval_rewards/accuracies" not in logs:
         parts.append(f"accuracy {logs['eval_mean_token_accuracy']:.1%}")
+    parts += preference_parts(logs, "eval_")
     if "eval_aux_loss" in logs:
         parts.append(f"aux {logs['eval_aux_loss']:.4f}")
     if "eval_runtime" in logs:
@@ -246,7 +258,7 @@ def section_noun(model: type) -> str:
     for suffix in ("Config", "Settings"):
         if name.endswith(suffix) and name != suffix:
             stem = name.removesuffix(suffix).lower()
-            return "section" if stem in ("model", "lora", "data", "training", "moe", "tracking") else stem
+            return "section" if stem in ("model", "lora", "data", "training", "moe", "tracking", "dpo", "kto") else stem
     return "section"
 
 

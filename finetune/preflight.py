@@ -2,13 +2,14 @@
 
 `load_recipe` checks the schema; `preflight` checks the world the recipe points at: the method is available, the
 device exists, output_dir can be written, the model folder is a readable Mixtral with a tokenizer, every data source
-has data, and the chat template parses. It reads headers and small files only, never weights or records, and writes
-nothing (the writability probe removes what it creates). Hub ids cannot be checked offline and are left to load time;
-the built-in tiny model is accepted by name and not built here.
-"""
+has data of the kind the method trains on, a starting adapter (`dpo.init_adapter`) is an adapter, and the chat
+template parses. It reads headers and small files only, never weights or records, and writes nothing (the
+writability probe removes what it creates). Hub ids cannot be checked offline and are left to load time; the
+built-in tiny model is accepted by name and not built here."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,12 +17,12 @@ from typing import Any
 
 from finetune.errors import UserError
 from finetune.model import device_problem, load_tokenizer, local_model_dir, model_dir_problems
-from finetune.recipe import Recipe
+from finetune.recipe import Recipe, method_settings
 
 # What a finished run leaves (as finetune.train.FINISHED_MARKERS; not imported, as train pulls in the trainer stack).
 FINISHED_MARKERS = ("metrics.json", "adapter")
 # Methods `finetune run` can train today. When a method lands, this is the only line that changes.
-AVAILABLE_METHODS = ("sft",)
+AVAILABLE_METHODS = ("sft", "dpo", "kto")
 
 
 def check(recipe: Recipe, *, overwrite: bool = False) -> None:
@@ -49,6 +50,8 @@ def preflight(recipe: Recipe, *, overwrite: bool = False) -> list[str]:
             except UserError as e:
                 problems.append(str(e))
     problems += data_problems(recipe)
+    problems += data_kind_problems(recipe)
+    problems += init_adapter_problems(recipe)
     problems += chat_format_problems(recipe, model_dir, tokenizer)
     return problems
 
@@ -93,6 +96,54 @@ def data_problems(recipe: Recipe) -> list[str]:
     if recipe.data.eval is not None:
         sources.append(("data.eval.path", recipe.data.eval))
     return [f"{key}: {problem}" for key, source in sources for problem in check_source(source.path)]
+
+
+def data_kind_problems(recipe: Recipe) -> list[str]:
+    """Each source holds what the method trains on (conversations, pairs, unpaired), judged by its first record."""
+    from data_tools.pipeline import check_data_kind
+
+    return check_data_kind(recipe.data, recipe.method)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def init_adapter_problems(recipe: Recipe) -> list[str]:
+    """`<method>.init_adapter` is an adapter folder, or a run folder whose adapter/ is one; its config is JSON."""
+    settings = method_settings(recipe)
+    path = getattr(settings, "init_adapter", None)
+    if path is None:
+        return []
+    key = f"{recipe.method}.init_adapter"
+    if not path.strip():
+        return [f"{key}: is empty; give an SFT run's folder (or its adapter/ folder), or leave the key out"]
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        return [f"{key}: {path!r} does not exist; give an SFT run's folder (or its adapter/ folder)"]
+    if not folder.is_dir():
+        return [f"{key}: {path!r} is a file; give the folder that holds adapter_config.json (or a run folder)"]
+    found = init_adapter_dir(folder)
+    missing = [name for name in ADAPTER_FILES if not (found / name).is_file()]
+    if missing:
+        return [
+            f"{key}: {found} has no {' and no '.join(missing)}; give a finished run's folder or its adapter/ "
+            "folder (a run writes them at the end of training)"
+        ]
+    config = found / "adapter_config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{key}: {config} is not readable JSON ({e})"]
+    if not isinstance(data, dict) or data.get("peft_type", "LORA") != "LORA":
+        kind = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+        return [f"{key}: {config} is not a LoRA adapter config (peft_type {kind}); give a LoRA adapter folder"]
+    return []
+
+
+def init_adapter_dir(folder: Path) -> Path:
+    """The adapter folder itself, or the adapter/ folder of a run folder."""
+    inner = folder / "adapter"
+    return inner if not (folder / "adapter_config.json").exists() and inner.is_dir() else folder
 
 
 def chat_format_problems(recipe: Recipe, model_dir: Path | None, tokenizer: Any) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from data_tools.config import DataConfig
 from finetune.errors import UserError
 from finetune.recipe_errors import closest, format_validation_error, path_problems
+from finetune.recipe_file import apply_overrides, read_yaml
+
+__all__ = [
+    "DpoSettings",
+    "KtoSettings",
+    "Recipe",
+    "apply_overrides",
+    "dump_recipe",
+    "load_recipe",
+    "method_config_arguments",
+    "method_settings",
+    "read_yaml",
+]
 
 Scheduler = Literal[
     "linear",
@@ -161,160 +174,215 @@ class TrackingSettings(Strict):
     tags: list[str] = Field(default_factory=list, description="W&B tags")
 
 
+# The loss names trl.DPOConfig accepts (trl 1.16); tests/test_recipe_preference.py compares them with TRL's own help.
+DpoLoss = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+DPO_LOSSES = typing.get_args(DpoLoss)
+# Losses built on the chosen-rejected reward difference: the only ones TRL lets a non-default f-divergence change.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+INIT_ADAPTER_TEXT = (
+    "Start from this adapter (an SFT run's folder or its adapter/ folder): the reference is base + this adapter, "
+    "frozen, while a trainable copy of it learns; none = a fresh adapter, so the reference is the base"
+)
+PRECOMPUTE_TEXT = (
+    "Compute the reference log-probabilities in one extra pass over the data before training, instead of a "
+    "reference forward pass every step"
+)
+
+
+class DpoSettings(Strict):
+    """`dpo:`, read when method is dpo. Field names are trl.DPOConfig's, so the builder passes them as they are."""
+
+    beta: float = Field(
+        0.1, gt=0, le=100, description="How far the policy may move from the reference: higher = stays closer"
+    )
+    loss_type: list[DpoLoss] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description="DPO loss: one name or a list of names whose losses are added (weighted by loss_weights)",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="One weight (>= 0) per loss_type entry when combining losses; none = 1.0 each"
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed chance a preference label is flipped (sigmoid, robust); EXO's epsilon, > 0 for exo_pair",
+    )
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
+        "reverse_kl", description="Divergence that keeps the policy near the reference (f-DPO); reverse_kl = DPO"
+    )
+    f_alpha_divergence_coef: float = Field(
+        0.5, gt=0, le=10, description="Alpha of the alpha-divergence; used only with f_divergence_type alpha_divergence"
+    )
+    use_weighting: bool = Field(False, description="Weight pairs by the policy's probability of them (WPO)")
+    ld_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Weight of the tokens beyond the shorter answer's length (LD-DPO); none = no length weighting",
+    )
+    discopop_tau: float = Field(0.05, gt=0, le=100, description="Temperature of the discopop loss; used only by it")
+    precompute_ref_log_probs: bool = Field(False, description=PRECOMPUTE_TEXT)
+    init_adapter: str | None = Field(None, description=INIT_ADAPTER_TEXT)
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value  # the type check says what is wrong
+        if not names:
+            raise ValueError(f"is empty; give a loss name or a list of them: {', '.join(DPO_LOSSES)}")
+        for name in names:
+            if isinstance(name, str) and name not in DPO_LOSSES:
+                hint = closest(name, list(DPO_LOSSES))
+                guess = f"did you mean {hint[0]}? " if hint else ""
+                raise ValueError(f"unknown loss {name!r}; {guess}accepted: {', '.join(DPO_LOSSES)}")
+        return names
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _weights(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(w < 0 for w in value):
+            raise ValueError(f"got {value}; every weight must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _as_trl_checks(self) -> DpoSettings:
+        """TRL's own refusals, which would otherwise come as a traceback after the model has loaded."""
+        losses, given = self.loss_type, self.model_fields_set
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(
+                f"dpo.loss_weights: has {len(self.loss_weights)} weight(s) for {len(losses)} loss_type(s) "
+                f"{losses}; give one weight per loss"
+            )
+        if "exo_pair" in losses and self.label_smoothing == 0:
+            raise ValueError("dpo.label_smoothing: must be > 0 for the exo_pair loss (the EXO paper suggests 0.001)")
+        odd = [name for name in losses if name not in F_DIVERGENCE_LOSSES]
+        if self.f_divergence_type != "reverse_kl" and odd:
+            raise ValueError(
+                f"dpo.f_divergence_type: {self.f_divergence_type} does not apply to loss {', '.join(odd)}; "
+                f"use reverse_kl, or losses among {', '.join(F_DIVERGENCE_LOSSES)}"
+            )
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(losses):
+            raise ValueError("dpo.use_weighting: does not work with the aot/aot_unpaired losses; set it to false")
+        if "f_alpha_divergence_coef" in given and self.f_divergence_type != "alpha_divergence":
+            raise ValueError(
+                "dpo.f_alpha_divergence_coef: has no effect unless f_divergence_type is alpha_divergence; remove it"
+            )
+        if "discopop_tau" in given and "discopop" not in losses:
+            raise ValueError("dpo.discopop_tau: has no effect unless loss_type includes discopop; remove it")
+        return self
+
+
+class KtoSettings(Strict):
+    """`kto:`, read when method is kto. Field names are trl.KTOConfig's."""
+
+    beta: float = Field(
+        0.1, gt=0, le=100, description="How far the policy may move from the reference: higher = stays closer"
+    )
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="kto (needs training.batch_size >= 2 for its KL estimate) or apo_zero_unpaired"
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Weight of desirable examples' loss, to balance unequal desirable/undesirable counts",
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, le=100, description="Weight of undesirable examples' loss (see desirable_weight)"
+    )
+    precompute_ref_log_probs: bool = Field(False, description=PRECOMPUTE_TEXT)
+    init_adapter: str | None = Field(None, description=INIT_ADAPTER_TEXT)
+
+
 class Recipe(Strict):
     model: ModelSettings = Field(description="Base model and how it is loaded")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapters on attention and experts")
     data: DataConfig = Field(description="Training data, chat format, lengths and packing")
-    method: Literal["sft", "dpo"] = Field("sft", description="Training method")
+    method: Literal["sft", "dpo", "kto"] = Field(
+        "sft", description="sft: chat data; dpo: preference pairs; kto: unpaired good/bad completions"
+    )
+    dpo: DpoSettings = Field(default_factory=DpoSettings, description="DPO settings (method: dpo)")
+    kto: KtoSettings = Field(default_factory=KtoSettings, description="KTO settings (method: kto)")
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="Optimisation and schedule")
     moe: MoeSettings = Field(default_factory=MoeSettings, description="Mixture-of-experts specific settings")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="Experiment tracking")
     output_dir: str = Field(description="Folder for adapter/, recipe.yaml, metrics.json and checkpoints/")
 
+    @model_validator(mode="after")
+    def _method_fits(self) -> Recipe:
+        """Settings that only make sense together; every line names the key to change."""
+        problems = []
+        for section in METHOD_SECTIONS:
+            if section in self.model_fields_set and section != self.method:
+                problems.append(
+                    f"{section}: section given but method is {self.method}; set method: {section} or remove it"
+                )
+        if self.method == "kto" and self.kto.loss_type == "kto":
+            if self.training.batch_size < 2:
+                problems.append(
+                    f"training.batch_size: got {self.training.batch_size}; the kto loss needs >= 2 (it estimates "
+                    "its KL term from the other completions in a micro-batch), or use kto.loss_type: apo_zero_unpaired"
+                )
+            strategy = self.training.extra.get("train_sampling_strategy", "sequential")
+            if strategy != "sequential":
+                problems.append(
+                    f"training.extra.train_sampling_strategy: got {strategy!r}; the kto loss needs 'sequential' "
+                    "(its KL pairs neighbours in a fixed order); remove the key"
+                )
+        if self.method in ("dpo", "kto") and self.training.extra.get("sync_ref_model"):
+            problems.append(
+                "training.extra.sync_ref_model: TRL cannot sync the reference with LoRA adapters (the reference "
+                f"is the frozen starting adapter); remove it, or use {self.method}.init_adapter for a new reference"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+METHOD_SECTIONS = ("dpo", "kto")
+
+
+def method_settings(recipe: Recipe) -> DpoSettings | KtoSettings | None:
+    """The settings section of the recipe's method (defaults when not written); None for sft, which has none."""
+    return getattr(recipe, recipe.method) if recipe.method in METHOD_SECTIONS else None
+
+
+def method_config_arguments(recipe: Recipe) -> dict[str, Any]:
+    """The method section as keyword arguments of its TRL config (same names), init_adapter left out."""
+    settings = method_settings(recipe)
+    return {} if settings is None else settings.model_dump(exclude={"init_adapter"})
+
 
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Parse a recipe file; bad bytes, syntax errors and duplicate keys name the line (and column)."""
-    if not path.is_file():
-        raise UserError(f"recipe not found: {path}")
-    loader = yaml.SafeLoader(recipe_text(path, path.read_bytes()))
-    try:
-        node = loader.get_single_node()
-        duplicates = duplicate_keys(node) if node is not None else []
-        if duplicates:
-            raise UserError(
-                f"{path}: duplicate keys (YAML would silently keep the last one); keep one of each",
-                [f"{path}:{line}: duplicate key {key!r} (first at line {first})" for key, line, first in duplicates],
-            )
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise UserError(f"{where}: YAML syntax error: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: YAML error: {e}") from None
-    finally:
-        loader.dispose()
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a mapping of keys (model, lora, data, ...), got {type(data).__name__}")
-    return data
-
-
-def duplicate_keys(node: yaml.Node, prefix: str = "", seen: set[int] | None = None) -> list[tuple[str, int, int]]:
-    """(dotted key, line, line of the first occurrence) for every key repeated within one mapping."""
-    seen = set() if seen is None else seen
-    if id(node) in seen:  # an alias to a node already walked
-        return []
-    seen.add(id(node))
-    found: list[tuple[str, int, int]] = []
-    if isinstance(node, yaml.MappingNode):
-        first: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are meant to be overridden
-                continue
-            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            line = key_node.start_mark.line + 1
-            if isinstance(key_node, yaml.ScalarNode) and key in first:
-                found.append((key, line, first[key]))
-            first.setdefault(key, line)
-            found += duplicate_keys(value_node, key, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            found += duplicate_keys(item, f"{prefix}[{i}]", seen)
-    return found
-
-
-NON_PRINTABLE = yaml.reader.Reader.NON_PRINTABLE  # what YAML refuses: control characters other than tab/newline
-CONTROL_NAMES = {"\x1b": "ESC, the start of a terminal colour code such as \\x1b[31m"}
-
-
-def recipe_text(path: Path, raw: bytes) -> str:
-    """The recipe as text, or a `FILE:LINE:COL` error saying what is there when it is not UTF-8 YAML text."""
-    if looks_utf16(raw):
-        raise UserError(f"{path}: the file is UTF-16 text; save it as UTF-8 (a recipe is UTF-8 YAML)")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line, column = line_column(raw, e.start)
-        kind = "binary data, not text" if b"\x00" in raw else "text in another encoding (Latin-1? Windows-1252?)"
-        raise UserError(
-            f"{path}:{line}:{column}: byte 0x{raw[e.start]:02x} is not UTF-8: {kind}; a recipe is UTF-8 YAML text"
-        ) from None
-    bad = [(m.start(), m.group()) for m in NON_PRINTABLE.finditer(text)]
-    if bad:
-        problems = []
-        for offset, char in bad[:10]:
-            line, column = line_column(text, offset)
-            code = repr(char)[1:-1]
-            what = CONTROL_NAMES.get(char, "a control character")
-            problems.append(f"{path}:{line}:{column}: {code} ({what}); delete it")
-        raise UserError(
-            f"{path}: {len(bad)} control character(s), which YAML does not allow (pasted from a terminal?)", problems
-        )
-    return text
-
-
-def looks_utf16(raw: bytes) -> bool:
-    """A UTF-16 byte-order mark, or ASCII text with a NUL byte beside every character."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return True
-    head = raw[:200]
-    even, odd = head[0::2], head[1::2]
-    return len(head) >= 4 and (even.count(0) == len(even)) != (odd.count(0) == len(odd))
-
-
-def line_column(text: str | bytes, offset: int) -> tuple[int, int]:
-    newline = "\n" if isinstance(text, str) else b"\n"
-    line = text.count(newline, 0, offset) + 1
-    return line, offset - (text.rfind(newline, 0, offset) + 1) + 1
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[str]:
-    """Apply `a.b.c=value` overrides in place (value parsed as YAML, so typed later by the schema).
-
-    A numeric segment indexes a list (`data.train.0.path=x`). Returns problems instead of raising.
-    """
-    problems = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", key):
-            problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. training.max_steps=10")
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node: Any = data
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            elif isinstance(node, dict):
-                node = node.setdefault(part, {})
-            else:
-                problems.append(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
-                break
-        else:
-            last = parts[-1]
-            if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-                node[int(last)] = value
-            elif isinstance(node, dict):
-                node[last] = value
-            else:
-                problems.append(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
-    return problems
+TRAINER_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
 
 
 def trainer_config_fields(method: str) -> set[str]:
     """Argument names of the TRL config class the method uses (for checking training.extra)."""
-    if method == "dpo":
-        from trl import DPOConfig as config_cls
-    else:
-        from trl import SFTConfig as config_cls
+    import trl
+
+    config_cls = getattr(trl, TRAINER_CONFIGS[method])
     return {f.name for f in dataclasses.fields(config_cls) if f.init}
 
 
@@ -328,11 +396,17 @@ OWNED_TRAINER_ARGS = {
     "per_device_train_batch_size": "training.batch_size",
     "gradient_accumulation_steps": "training.gradient_accumulation_steps",
     "gradient_checkpointing": "training.gradient_checkpointing",
+    "activation_checkpointing": "training.gradient_checkpointing",
     "optim": "training.optimizer",
     "output_dir": "output_dir",
     "max_length": "data.max_length",
     "router_aux_loss_coef": "moe.aux_loss_coef",
     "report_to": "tracking.backend",
+}
+# ... and per method, the TRL arguments its section owns (every field of DpoSettings/KtoSettings bar init_adapter).
+METHOD_OWNED_ARGS = {
+    method: {name: f"{method}.{name}" for name in cls.model_fields if name != "init_adapter"}
+    for method, cls in (("dpo", DpoSettings), ("kto", KtoSettings))
 }
 
 
@@ -343,18 +417,19 @@ def extra_problems(data: dict[str, Any]) -> list[str]:
     if not isinstance(extra, dict):
         return []
     method = data.get("method", "sft")
-    fields = trainer_config_fields("dpo" if method == "dpo" else "sft")
-    config_name = "DPOConfig" if method == "dpo" else "SFTConfig"
+    method = method if method in TRAINER_CONFIGS else "sft"  # an unknown method is reported by the schema
+    fields = trainer_config_fields(method)
+    owned = {**OWNED_TRAINER_ARGS, **METHOD_OWNED_ARGS.get(method, {})}
     problems = []
     for name, value in extra.items():
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"training.extra.{name}: got {value}; give a finite number")
-        if name in OWNED_TRAINER_ARGS:
-            problems.append(f"training.extra.{name}: set by the recipe; use {OWNED_TRAINER_ARGS[name]} instead")
+        if name in owned:
+            problems.append(f"training.extra.{name}: set by the recipe; use {owned[name]} instead")
         elif name not in fields:
             hint = closest(str(name), sorted(fields))
             suggestion = f" (did you mean {hint[0]}?)" if hint else ""
-            problems.append(f"training.extra.{name}: not an argument of trl.{config_name}{suggestion}")
+            problems.append(f"training.extra.{name}: not an argument of trl.{TRAINER_CONFIGS[method]}{suggestion}")
     return problems
 
 
@@ -375,5 +450,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML, every default filled in (what `validate` prints and runs save)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML, every default filled in (what `validate` prints and runs save).
+
+    Only the method's own section is written (dpo: for dpo, kto: for kto, neither for sft): the dump is itself
+    a valid recipe, and a section of another method would be refused.
+    """
+    data = recipe.model_dump(mode="json")
+    for section in METHOD_SECTIONS:
+        if section != recipe.method:
+            del data[section]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -73,7 +73,10 @@ def format_validation_error(error: ValidationError, root: type[BaseModel]) -> li
             expected = err.get("ctx", {}).get("expected", "")
             lines.append(f"{key}: got {short(err.get('input'))}; accepted: {expected}")
         elif kind == "value_error":
-            lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+            message = err["msg"].removeprefix("Value error, ")
+            # a cross-field check names its own keys (`dpo.loss_weights: ...`), one line each
+            own = all(line.startswith(f"{key}.") or not loc for line in message.splitlines())
+            lines += message.splitlines() if own else [f"{key}: {message}"]
         else:
             lines.append(f"{key}: got {short(err.get('input'))}; {err['msg'].lower()}")
     return dedupe(lines)
