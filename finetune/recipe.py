@@ -167,11 +167,35 @@ class TrainingSettings(Strict):
 
 
 class TrackingSettings(Strict):
-    backend: Literal["none", "wandb"] = Field("none", description="Where metrics go besides metrics.jsonl")
-    project: str = Field("finetune", description="W&B project")
+    """`tracking:`; metrics.jsonl is always written, whatever the backend (see finetune/tracking.py)."""
+
+    backend: Literal["none", "wandb", "tensorboard", "mlflow"] = Field(
+        "none", description="Where metrics go besides metrics.jsonl; tensorboard/mlflow need their pip package"
+    )
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="W&B mode; auto: online when logged in (WANDB_API_KEY or netrc), else offline; never prompts"
+    )
+    project: str = Field("finetune", description="W&B / MLflow project (experiment)")
     entity: str | None = Field(None, description="W&B entity (team or user)")
     run_name: str | None = Field(None, description="Run name (default: the output folder name)")
-    tags: list[str] = Field(default_factory=list, description="W&B tags")
+    group: str | None = Field(None, description="W&B run group")
+    notes: str | None = Field(None, description="W&B run notes")
+    tags: list[str] = Field(default_factory=list, description="Tags, added to the default ones (method, quantisation, model)")
+    sample_prompts: int = Field(
+        4, ge=0, le=64, description="Eval prompts generated (greedy, adapter on) at each evaluation and at the end; 0: none"
+    )
+    sample_max_new_tokens: int = Field(32, ge=1, le=4096, description="New tokens per sample generation")
+    log_adapter: bool = Field(False, description="Log the final adapter folder as a W&B artifact of type model")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_installed(cls, value: str) -> str:
+        from finetune.tracking import missing_backend_package
+
+        package = missing_backend_package(value)
+        if package:
+            raise ValueError(f"backend {value} needs the {package} package; pip install {package}, or pick another")
+        return value
 
 
 # The loss names trl.DPOConfig accepts (trl 1.16); tests/test_recipe_preference.py compares them with TRL's own help.
@@ -266,7 +290,7 @@ class DpoSettings(Strict):
     @model_validator(mode="after")
     def _as_trl_checks(self) -> DpoSettings:
         """TRL's own refusals, which would otherwise come as a traceback after the model has loaded."""
-        losses, given = self.loss_type, self.model_fields_set
+        losses = self.loss_type
         if self.loss_weights is not None and len(self.loss_weights) != len(losses):
             raise ValueError(
                 f"dpo.loss_weights: has {len(self.loss_weights)} weight(s) for {len(losses)} loss_type(s) "
@@ -282,12 +306,17 @@ class DpoSettings(Strict):
             )
         if self.use_weighting and {"aot", "aot_unpaired"} & set(losses):
             raise ValueError("dpo.use_weighting: does not work with the aot/aot_unpaired losses; set it to false")
-        if "f_alpha_divergence_coef" in given and self.f_divergence_type != "alpha_divergence":
-            raise ValueError(
-                "dpo.f_alpha_divergence_coef: has no effect unless f_divergence_type is alpha_divergence; remove it"
-            )
-        if "discopop_tau" in given and "discopop" not in losses:
-            raise ValueError("dpo.discopop_tau: has no effect unless loss_type includes discopop; remove it")
+        unused = {
+            "f_alpha_divergence_coef": (
+                self.f_divergence_type == "alpha_divergence",
+                "f_divergence_type is alpha_divergence",
+            ),
+            "discopop_tau": ("discopop" in losses, "loss_type includes discopop"),
+        }
+        for name, (used, condition) in unused.items():
+            value = getattr(self, name)
+            if not used and value != type(self).model_fields[name].default:
+                raise ValueError(f"dpo.{name}: {value} has no effect unless {condition}; remove it")
         return self
 
 

@@ -1,63 +1,255 @@
-"""Experiment tracking: metrics.jsonl always, W&B when the recipe asks, never fatal.
+"""Experiment tracking: metrics.jsonl always; W&B, TensorBoard or MLflow when the recipe asks; never fatal.
 
-One `Tracker` is handed to training; it fans out to its sinks. A failing sink is reported once and
-dropped, so a W&B outage never stops a run.
+One `Tracker` is handed to training; it fans out to its sinks. A failing sink is reported once and dropped, so a
+W&B outage, a bad entity or a full disk never stops a run. Nothing secret is written: configs pass
+`scrub_secrets` first. The per-step metrics (tokens/s, memory, routing) come from `TrackingCallback`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
+import netrc
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import torch
 from transformers import TrainerCallback
+
+from finetune.memory import current_rss
+
+BACKEND_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
+_SECRET_PART = re.compile(
+    r"(?:^|[_\-.])(?:token|api_?key|key|secret|password|passwd|credentials?|auth)(?:$|[_\-.])", re.I
+)
+_NOT_SECRET = re.compile(r"(?:^|_)(?:max|min|num|new|pad|bos|eos|unk|sep|add|special)_", re.I)
+SCRUBBED = "***"
+LOAD_KEY = "moe/load"
+
+
+def missing_backend_package(backend: str) -> str | None:
+    """The pip package a tracking backend needs when it is not installed (None when fine or backend is none)."""
+    package = BACKEND_PACKAGES.get(backend)
+    return package if package and importlib.util.find_spec(package) is None else None
+
+
+def is_secret_key(key: str) -> bool:
+    """`hf_token`, `api_key`, `WANDB_API_KEY`, `password` are; `max_new_tokens`, `pad_token`, `messages` are not."""
+    return bool(_SECRET_PART.search(str(key))) and not _NOT_SECRET.search(str(key))
+
+
+def secret_values() -> set[str]:
+    """Values of secret-looking environment variables (WANDB_API_KEY, HF_TOKEN, ...), to scrub wherever they appear."""
+    return {v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= 8}
+
+
+def scrub_secrets(data: Any, _secrets: set[str] | None = None) -> Any:
+    """A copy of `data` with every string under a secret-looking key, or equal to a secret env value, replaced."""
+    secrets = secret_values() if _secrets is None else _secrets
+    if isinstance(data, dict):
+        return {
+            k: SCRUBBED if is_secret_key(k) and isinstance(v, str) and v else scrub_secrets(v, secrets)
+            for k, v in data.items()
+        }
+    if isinstance(data, (list, tuple)):
+        return [scrub_secrets(v, secrets) for v in data]
+    if isinstance(data, str) and any(s in data for s in secrets):
+        for s in secrets:
+            data = data.replace(s, SCRUBBED)
+    return data
+
+
+def scrub_yaml(text: str) -> str:
+    """A YAML document (the resolved recipe) with its secrets scrubbed; unchanged text when there are none."""
+    import yaml
+
+    data = yaml.safe_load(text)
+    clean = scrub_secrets(data)
+    return text if clean == data else yaml.safe_dump(clean, sort_keys=False, allow_unicode=True)
+
+
+def wandb_logged_in() -> bool:
+    """WANDB_API_KEY in the environment, or a netrc entry for the W&B host; never prompts."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """auto → WANDB_MODE when set, else online when logged in, else offline."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if wandb_logged_in() else "offline"
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 class JsonlSink:
+    """metrics.jsonl: one row per log call, scalars plus the `moe/load` matrix; samples.jsonl beside it."""
+
     def __init__(self, path: Path):
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        row = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._file.write(json.dumps(row, default=float) + "\n")
+        row = {"step": step, "time": round(time.time(), 3), **scalars(metrics)}
+        if LOAD_KEY in metrics:
+            row[LOAD_KEY] = [[round(x, 6) for x in r] for r in metrics[LOAD_KEY]]
+        self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        with (self.path.parent / "samples.jsonl").open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
         self._file.close()
 
 
 class WandbSink:
-    def __init__(self, *, project: str, entity: str | None, name: str, tags: list[str], config: dict[str, Any]):
+    """A W&B run in the output folder: scalars, the load heatmap (image + table), samples, the adapter artifact."""
+
+    def __init__(self, settings: Any, *, name: str, tags: list[str], config: dict[str, Any], output_dir: Path):
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(project=project, entity=entity, name=name, tags=tags, config=config)
+        self.mode = resolve_mode(settings.mode)
+        self._samples: list[list[Any]] = []
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=name,
+            group=settings.group,
+            notes=settings.notes,
+            tags=tags,
+            config=config,
+            mode=self.mode,
+            dir=str(output_dir),
+            settings=wandb.Settings(silent=True, console="off"),
+        )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log(metrics, step=step)
+        data: dict[str, Any] = scalars(metrics)
+        load = metrics.get(LOAD_KEY)
+        if load:
+            from finetune.routing_panels import figure_image, heatmap_figure, load_table_rows
+
+            image = figure_image(heatmap_figure(load, title=f"expert load, step {step}"))
+            data["moe_load/heatmap"] = self._wandb.Image(image, caption=f"layer x expert load, step {step}")
+            rows = load_table_rows(load)
+            data["moe_load/table"] = self._wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+        self.run.log(data, step=step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        columns = ["step", "prompt", "reference", "generated"]
+        self._samples += [[r[c] for c in columns] for r in rows]  # one growing table: every step's rows
+        self.run.log({"samples/generations": self._wandb.Table(columns=columns, data=self._samples)}, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        artifact = self._wandb.Artifact(name=f"adapter-{self.run.id}", type="model")
+        artifact.add_dir(str(path))
+        self.run.log_artifact(artifact)
 
     def close(self) -> None:
+        run_dir = Path(self.run.dir).parent if self.mode == "offline" else None
         self.run.finish()
+        if run_dir is not None:
+            print(f"W&B run saved offline; upload it with: wandb sync {run_dir}")
+
+
+class TensorBoardSink:
+    """TensorBoard event files in OUTPUT/tensorboard/: the same scalars, the heatmap as a figure, samples as text."""
+
+    def __init__(self, output_dir: Path, config: dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for key, value in scalars(metrics).items():
+            self.writer.add_scalar(key, value, step)
+        if metrics.get(LOAD_KEY):
+            from finetune.routing_panels import heatmap_figure
+
+            self.writer.add_figure("moe_load/heatmap", heatmap_figure(metrics[LOAD_KEY]), step)
+        self.writer.flush()
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        text = "\n\n".join(f"**prompt** {r['prompt']}\n\n**generated** {r['generated']}" for r in rows)
+        self.writer.add_text("samples", text, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MlflowSink:
+    """An MLflow run (tracking URI from MLFLOW_TRACKING_URI, else OUTPUT/mlruns): scalars, config, samples."""
+
+    def __init__(self, settings: Any, *, name: str, tags: list[str], config: dict[str, Any], output_dir: Path):
+        import mlflow
+
+        self._mlflow = mlflow
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri((output_dir / "mlruns").resolve().as_uri())
+        mlflow.set_experiment(settings.project)
+        mlflow.start_run(run_name=name, tags=dict.fromkeys(tags, "true"))
+        mlflow.log_dict(config, "config.json")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._mlflow.log_metrics(scalars(metrics), step=step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        self._mlflow.log_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), f"samples/step{step}.jsonl")
+
+    def close(self) -> None:
+        self._mlflow.end_run()
 
 
 class Tracker:
-    """Fans metrics out to sinks; a sink that raises is disabled with one warning."""
+    """Fans metrics out to sinks; a sink that raises is dropped with one warning, and training carries on."""
 
     def __init__(self, sinks: list[Any]):
         self.sinks = sinks
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    def _each(self, method: str, *args: Any) -> None:
         for sink in list(self.sinks):
+            call = getattr(sink, method, None)
+            if call is None:
+                continue
             try:
-                sink.log(clean, step)
+                call(*args)
             except Exception as e:
                 print(f"warning: tracking to {type(sink).__name__} failed ({e}); continuing without it")
                 self.sinks.remove(sink)
+                with contextlib.suppress(Exception):
+                    sink.close()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._each("log", metrics, step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        self._each("log_samples", rows, step)
+
+    def log_artifact(self, path: Path) -> None:
+        self._each("log_artifact", path)
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -65,36 +257,102 @@ class Tracker:
                 sink.close()
             except Exception as e:
                 print(f"warning: closing {type(sink).__name__} failed ({e})")
+        self.sinks = []
 
 
-def make_tracker(settings: Any, output_dir: Path, config: dict[str, Any]) -> Tracker:
-    """Build the tracker for a run; W&B failing to start is a warning, not an error."""
-    sinks: list[Any] = [JsonlSink(output_dir / "metrics.jsonl")]
-    if settings.backend == "wandb":
-        try:
+def default_tags(recipe: Any) -> list[str]:
+    """Tags naming the method, the quantisation and the model, then the recipe's own."""
+    model = Path(str(recipe.model.path).rstrip("/")).name or str(recipe.model.path)
+    tags = [recipe.method, recipe.model.quantization, model[:64], *recipe.tracking.tags]
+    return list(dict.fromkeys(tags))
+
+
+def make_tracker(recipe: Any, output_dir: Path, config: dict[str, Any]) -> Tracker:
+    """Build the tracker for a run; a backend failing to start is one warning, not an error."""
+    settings = recipe.tracking
+    config = scrub_secrets(config)
+    sinks: list[Any] = []
+    try:
+        sinks.append(JsonlSink(output_dir / "metrics.jsonl"))
+    except OSError as e:
+        print(f"warning: cannot write {output_dir / 'metrics.jsonl'} ({e}); continuing without it")
+    name = settings.run_name or output_dir.name
+    try:
+        if settings.backend == "wandb":
             sinks.append(
-                WandbSink(
-                    project=settings.project,
-                    entity=settings.entity,
-                    name=settings.run_name or output_dir.name,
-                    tags=list(settings.tags),
-                    config=config,
-                )
+                WandbSink(settings, name=name, tags=default_tags(recipe), config=config, output_dir=output_dir)
             )
-        except Exception as e:
-            print(f"warning: could not start W&B ({e}); metrics still go to {output_dir / 'metrics.jsonl'}")
+        elif settings.backend == "tensorboard":
+            sinks.append(TensorBoardSink(output_dir, config))
+        elif settings.backend == "mlflow":
+            sinks.append(
+                MlflowSink(settings, name=name, tags=default_tags(recipe), config=config, output_dir=output_dir)
+            )
+    except Exception as e:
+        print(f"warning: could not start {settings.backend} ({e}); metrics still go to {output_dir / 'metrics.jsonl'}")
     return Tracker(sinks)
 
 
-class TrackingCallback(TrainerCallback):
-    """Sends the trainer's logs, plus per-layer expert load when a load tracker is given, to the tracker.
+def lora_by_target(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameters per LoRA target (q_proj, gate_up_proj, ...) and per fully trained module."""
+    totals: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        parts = name.split(".")
+        marker = next((i for i, p in enumerate(parts) if p.startswith("lora_") or p == "modules_to_save"), None)
+        target = parts[marker - 1] if marker else parts[-2] if len(parts) > 1 else name
+        if marker and target == "experts":  # expert LoRA: name the fused parameter it adapts
+            target = getattr(model.get_submodule(".".join(parts[:marker])), "parameter_name", None) or target
+        totals[target] = totals.get(target, 0) + param.numel()
+    return totals
 
-    It also remembers the first and last logged train loss for metrics.json.
+
+def run_config(recipe_data: dict[str, Any], loaded: Any, versions: dict[str, str]) -> dict[str, Any]:
+    """What a dashboard shows about a run: the resolved recipe, library versions, hardware, quantisation, LoRA."""
+    device = loaded.device
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    groups = getattr(loaded.report, "groups", {}) or {}
+    return {
+        **recipe_data,
+        "versions": versions,
+        "environment": {
+            "device": str(device),
+            "gpu_name": torch.cuda.get_device_name(device) if cuda else None,
+            "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        },
+        "quantization_report": {
+            name: {**g, "bits_per_param": round(8 * g["bytes"] / g["params"], 3) if g.get("params") else None}
+            for name, g in groups.items()
+        },
+        "lora_summary": {
+            **lora_by_target(loaded.model),
+            "total": sum(p.numel() for p in loaded.model.parameters() if p.requires_grad),
+        },
+    }
+
+
+def peak_memory_bytes(device: torch.device | None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return current_rss()
+
+
+class TrackingCallback(TrainerCallback):
+    """Sends the trainer's logs to the tracker, with tokens/s, peak memory and router statistics added.
+
+    It also remembers the first and last logged train loss for metrics.json. `drift_probe` (1 x T input ids) turns
+    on router drift: the probe is routed at each logging step and compared with the previous one.
     """
 
-    def __init__(self, tracker: Tracker, expert_load: Any | None = None):
+    def __init__(self, tracker: Tracker, expert_load: Any | None = None, *, model: Any = None,
+                 drift_probe: torch.Tensor | None = None, device: torch.device | None = None):  # fmt: skip
         self.tracker = tracker
         self.expert_load = expert_load
+        self.model = model
+        self.drift_probe = drift_probe
+        self.device = device
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.last_aux_loss: float | None = None
@@ -102,6 +360,14 @@ class TrackingCallback(TrainerCallback):
         self.num_tokens: float | None = None
         self.last_logs: dict[str, Any] = {}  # the latest value of every train-time key (rewards/…, accuracy, …)
         self.eval_logs: dict[str, Any] = {}
+        self._rate_mark: tuple[float, float] | None = None  # (time, tokens) at the previous train log
+        self._routed_tokens = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._rate_mark = (time.perf_counter(), 0.0)
+        if self.expert_load is not None and self.drift_probe is not None and self.model is not None:
+            with self.expert_load.paused():
+                self.expert_load.drift(self.model, self.drift_probe)  # the baseline for the first drift figure
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -115,6 +381,56 @@ class TrackingCallback(TrainerCallback):
             self.eval_loss = logs["eval_loss"]
         if "num_tokens" in logs:
             self.num_tokens = logs["num_tokens"]
-        if self.expert_load is not None and "loss" in logs:
-            logs.update(self.expert_load.compute(reset=True))
+        if "loss" in logs:
+            logs.update(self.step_metrics(args))
         self.tracker.log(logs, step=state.global_step)
+
+    def step_metrics(self, args) -> dict[str, Any]:
+        """Throughput, memory and routing since the previous logging step (one host read of the router counts)."""
+        metrics: dict[str, Any] = {}
+        if self.expert_load is not None:
+            metrics.update(self.expert_load.compute(reset=True))
+            self._routed_tokens += metrics.get("moe/routed_tokens", 0.0)
+            if self.drift_probe is not None and self.model is not None:
+                metrics.update(self.expert_load.drift(self.model, self.drift_probe))
+        world = max(1, getattr(args, "world_size", 1))
+        tokens = self.num_tokens if self.num_tokens is not None else self._routed_tokens * world
+        now = time.perf_counter()
+        if self._rate_mark is not None and tokens:
+            seconds, before = now - self._rate_mark[0], self._rate_mark[1]
+            if seconds > 0 and tokens > before:
+                metrics["perf/tokens_per_second"] = (tokens - before) / seconds
+                metrics["perf/tokens_per_second_per_device"] = (tokens - before) / seconds / world
+        self._rate_mark = (now, tokens or 0.0)
+        metrics["perf/peak_memory_gb"] = peak_memory_bytes(self.device) / 2**30
+        return metrics
+
+
+def tracking_callbacks(recipe: Any, tracker: Tracker, loaded: Any, tokenizer: Any, prepared: Any, main_process: bool):
+    """(TrackingCallback, SamplesCallback, ExpertLoadTracker or None) for a run, from the recipe's settings.
+
+    Router drift is on for runs that train the router or tune preferences; samples use the eval prompts (the
+    train prompts when there is no eval split). Only the main process generates or probes.
+    """
+    from finetune.moe.routing import ExpertLoadTracker
+    from finetune.samples import SamplesCallback, prompt_rows
+
+    model = loaded.model
+    expert_load = ExpertLoadTracker(model, train_only=True) if recipe.moe.track_expert_load else None
+    n = recipe.tracking.sample_prompts if main_process else 0
+    pairs = prompt_rows(prepared.eval if prepared.eval is not None else prepared.train, max(n, 1))
+    probe = None
+    wants_drift = recipe.lora.router == "trainable" or recipe.method in ("dpo", "kto")
+    if expert_load is not None and main_process and wants_drift and pairs:
+        prompt, reference = pairs[0]
+        probe = torch.tensor([(prompt + reference)[-128:]])
+    callback = TrackingCallback(tracker, expert_load, model=model, drift_probe=probe, device=loaded.device)
+    samples = SamplesCallback(
+        tracker,
+        model,
+        tokenizer,
+        pairs[:n],
+        max_new_tokens=recipe.tracking.sample_max_new_tokens,
+        expert_load=expert_load,
+    )
+    return callback, samples, expert_load

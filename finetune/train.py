@@ -23,7 +23,7 @@ from finetune.errors import UserError
 from finetune.memory import PeakMemory
 from finetune.model import check_model_dir, load_model, load_tokenizer, resolve_model_dir
 from finetune.recipe import Recipe, dump_recipe
-from finetune.tracking import Tracker, TrackingCallback, make_tracker
+from finetune.tracking import Tracker, make_tracker, run_config, scrub_yaml, tracking_callbacks
 
 FINISHED_MARKERS = ("metrics.json", "adapter")
 
@@ -42,7 +42,7 @@ def finished_run_markers(output_dir: Path, overwrite: bool) -> list[str]:
 def clear_output_dir(output_dir: Path, finished: list[str]) -> None:
     """With --overwrite, remove only what a run writes, and only once data and model have loaded."""
     if finished:
-        for name in (*FINISHED_MARKERS, "metrics.jsonl", "recipe.yaml", "checkpoints"):
+        for name in (*FINISHED_MARKERS, "metrics.jsonl", "samples.jsonl", "recipe.yaml", "checkpoints"):
             target = output_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -172,14 +172,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes outputs
     if main_process:
         clear_output_dir(output_dir, finished)
-        (output_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    tracker = make_tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json")) if main_process else Tracker([])
-    expert_load = None
-    if recipe.moe.track_expert_load:
-        from finetune.moe.routing import ExpertLoadTracker
-
-        expert_load = ExpertLoadTracker(model)
-    tracking = TrackingCallback(tracker, expert_load)
+        (output_dir / "recipe.yaml").write_text(scrub_yaml(dump_recipe(recipe)), encoding="utf-8")
+    config = run_config(recipe.model_dump(mode="json"), loaded, library_versions())
+    tracker = make_tracker(recipe, output_dir, config) if main_process else Tracker([])
+    tracking, samples, expert_load = tracking_callbacks(recipe, tracker, loaded, tokenizer, prepared, main_process)
     divergence = DivergenceGuard()
 
     kwargs = trainer_arguments(recipe, output_dir, loaded.device, loaded.dtype)
@@ -187,7 +183,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict
     if prepared.eval is not None:
         kwargs.update(eval_strategy="steps" if recipe.training.eval_steps else "no")
         kwargs.update(eval_steps=recipe.training.eval_steps)
-    trainer = method.build_trainer(recipe, model, tokenizer, prepared, kwargs, [tracking, divergence])
+    trainer = method.build_trainer(recipe, model, tokenizer, prepared, kwargs, [tracking, samples, divergence])
     use_readable_progress(trainer)  # a readable line per logging step instead of the raw dict
     train_started = time.time()
     with PeakMemory(loaded.device) as train_peak:
@@ -198,7 +194,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict
     divergence.check(model)  # a NaN/inf loss or adapter weight stops here: no adapter, no metrics.json
     if expert_load is not None:
         expert_load.remove()
-    tracker.close()
 
     tokens = int(tracking.num_tokens or 0)
     metrics = {
@@ -240,4 +235,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict
         tokenizer.save_pretrained(str(output_dir / "adapter"))
         write_card(output_dir / "adapter", recipe, metrics, base)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+        if recipe.tracking.log_adapter:
+            tracker.log_artifact(output_dir / "adapter")
+    tracker.log({f"summary/{k}": v for k, v in metrics.items()}, step=result.global_step)
+    tracker.close()
     return metrics

@@ -641,9 +641,138 @@ def test_cuda_device_on_a_machine_without_cuda(tmp_path, tiny_model_dir, case):
 # --- method, and the contract itself ---------------------------------------------------------------------------------
 
 
-def test_unavailable_method_is_refused_by_both(tmp_path):
-    setup = recipe_setup(tmp_path, base_recipe(tmp_path), ["method: 'dpo' is not available yet"], ["method=dpo"])
+def test_unavailable_method_is_refused_by_both(tmp_path, monkeypatch):
+    """A method the schema knows but this build cannot train (the gate a new method passes through)."""
+    import finetune.preflight
+
+    monkeypatch.setattr(finetune.preflight, "AVAILABLE_METHODS", ("sft",))
+    overrides = ["method=dpo", "data.train.0.path=builtin:tiny-preference"]
+    setup = recipe_setup(tmp_path, base_recipe(tmp_path), ["method: 'dpo' is not available yet"], overrides)
     assert_refused_by_both(setup)
+
+
+# --- preference methods (dpo, kto): their sections, their data, their starting adapter ---------------------------
+
+PAIRS, UNPAIRED = "data.train.0.path=builtin:tiny-preference", "data.train.0.path=builtin:tiny-unpaired"
+DPO, KTO = ["method=dpo", PAIRS], ["method=kto", UNPAIRED, "training.batch_size=2"]  # the kto loss needs 2+
+
+PREFERENCE_CASES = {
+    "dpo-beta-zero": ([*DPO, "dpo.beta=0"], ["dpo.beta: got 0; input should be greater than 0"]),
+    "dpo-beta-text": ([*DPO, "dpo.beta=strong"], ["dpo.beta: got 'strong'"]),
+    "dpo-beta-inf": ([*DPO, "dpo.beta=.inf"], ["dpo.beta: got inf"]),
+    "dpo-beta-huge": ([*DPO, "dpo.beta=1e6"], ["dpo.beta: got '1e6'"]),
+    "dpo-loss-typo": ([*DPO, "dpo.loss_type=sigmod"], ["dpo.loss_type: unknown loss 'sigmod'; did you mean sigmoid?"]),
+    "dpo-loss-typo-in-list": ([*DPO, "dpo.loss_type=[sigmoid, ipoo]"], ["dpo.loss_type: unknown loss 'ipoo'"]),
+    "dpo-loss-weights-length": (
+        [*DPO, "dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0, 0.5, 0.2]"],
+        ["dpo.loss_weights: has 3 weight(s) for 2 loss_type(s)"],
+    ),
+    "dpo-loss-weight-negative": ([*DPO, "dpo.loss_weights=[-1]"], ["dpo.loss_weights: got [-1.0]"]),
+    "dpo-loss-weight-nan": ([*DPO, "dpo.loss_weights=[.nan]"], ["dpo.loss_weights[0]: got nan"]),
+    "dpo-robust-label-smoothing": (
+        [*DPO, "dpo.loss_type=robust", "dpo.label_smoothing=0.6"],
+        ["dpo.label_smoothing: got 0.6; input should be less than 0.5"],
+    ),
+    "dpo-exo-without-label-smoothing": ([*DPO, "dpo.loss_type=exo_pair"], ["dpo.label_smoothing: must be > 0"]),
+    "dpo-f-divergence-loss": (
+        [*DPO, "dpo.loss_type=nca_pair", "dpo.f_divergence_type=forward_kl"],
+        ["dpo.f_divergence_type: forward_kl does not apply to loss nca_pair"],
+    ),
+    "dpo-weighting-aot": ([*DPO, "dpo.loss_type=aot", "dpo.use_weighting=true"], ["dpo.use_weighting: does not"]),
+    "dpo-ld-alpha-range": ([*DPO, "dpo.ld_alpha=2"], ["dpo.ld_alpha: got 2"]),
+    "kto-beta-negative": ([*KTO, "kto.beta=-0.1"], ["kto.beta: got -0.1"]),
+    "kto-loss-unknown": ([*KTO, "kto.loss_type=sigmoid"], ["kto.loss_type: got 'sigmoid'; accepted: 'kto'"]),
+    "kto-weight-zero": ([*KTO, "kto.desirable_weight=0"], ["kto.desirable_weight: got 0"]),
+    "kto-weight-inf": ([*KTO, "kto.undesirable_weight=.inf"], ["kto.undesirable_weight: got inf"]),
+    "kto-batch-of-one": ([*KTO, "training.batch_size=1"], ["training.batch_size: got 1; the kto loss needs >= 2"]),
+    "dpo-section-with-sft": (["dpo.beta=0.2"], ["dpo: section given but method is sft; set method: dpo or remove"]),
+    "kto-section-with-dpo": ([*DPO, "kto.beta=0.2"], ["kto: section given but method is dpo"]),
+    "extra-owned-by-dpo": ([*DPO, "training.extra.beta=0.5"], ["training.extra.beta: set by the recipe; use dpo.beta"]),
+    "extra-owned-by-kto": ([*KTO, "training.extra.undesirable_weight=2"], ["use kto.undesirable_weight instead"]),
+    "extra-activation-checkpointing": (
+        ["training.extra.activation_checkpointing=true"],
+        ["training.extra.activation_checkpointing: set by the recipe; use training.gradient_checkpointing"],
+    ),
+    "extra-not-in-kto-config": ([*KTO, "training.extra.loss_weights=[1]"], ["not an argument of trl.KTOConfig"]),
+    "extra-sync-ref-model": ([*DPO, "training.extra.sync_ref_model=true"], ["training.extra.sync_ref_model: TRL"]),
+    "dpo-on-chat-data": (
+        ["method=dpo", "data.train.0.path=builtin:tiny-chat"],
+        ["data.train[0]: builtin:tiny-chat is in messages format", "method: dpo needs preference pairs"],
+    ),
+    "dpo-on-local-chat-file": (["method=dpo"], ["data.train[0]: ", "train.jsonl is in messages format"]),
+    "sft-on-preference-data": ([PAIRS], ["data.train[0]: builtin:tiny-preference is in preference format"]),
+    "kto-on-chat-data": ([*KTO, "data.train.0.path=builtin:tiny-chat"], ["method: kto needs unpaired"]),
+    "dpo-on-unpaired-data": (["method=dpo", UNPAIRED], ["builtin:tiny-unpaired is in unpaired format"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREFERENCE_CASES))
+def test_preference_settings_and_data_that_cannot_train(tmp_path, case):
+    overrides, expect = PREFERENCE_CASES[case]
+    assert_refused_by_both(recipe_setup(tmp_path, base_recipe(tmp_path), expect, overrides))
+
+
+def init_adapter_case(tmp: Path, case: str) -> tuple[str, list[str]]:
+    """(init_adapter value, expected texts): folders that are not a finished run's adapter."""
+    run = tmp / "sft-run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (tmp / "a-file").write_text("x")
+    cases = {
+        "missing": (str(tmp / "no-such-run"), ["dpo.init_adapter: ", "no-such-run' does not exist"]),
+        "empty": ("' '", ["dpo.init_adapter: is empty"]),
+        "a-file": (str(tmp / "a-file"), ["dpo.init_adapter: ", "a-file' is a file"]),
+        "run-without-adapter-files": (
+            str(run),
+            [f"dpo.init_adapter: {run / 'adapter'} has no adapter_config.json and no adapter_model.safetensors"],
+        ),
+        "adapter-without-weights": (str(run / "adapter"), ["has no adapter_model.safetensors"]),
+        "config-not-json": (str(run / "adapter"), ["adapter_config.json is not readable JSON"]),
+        "not-lora": (str(run), ["is not a LoRA adapter config (peft_type IA3)"]),
+    }
+    if case in ("adapter-without-weights", "config-not-json", "not-lora"):
+        (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    if case in ("config-not-json", "not-lora"):
+        (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+    if case == "config-not-json":
+        (run / "adapter" / "adapter_config.json").write_text("{ r: 4")
+    if case == "not-lora":
+        (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    return cases[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "a-file",
+        "run-without-adapter-files",
+        "adapter-without-weights",
+        "config-not-json",
+        "not-lora",
+    ],
+)
+def test_init_adapter_that_is_not_an_adapter(tmp_path, case):
+    value, expect = init_adapter_case(tmp_path, case)
+    before = snapshot(tmp_path / "sft-run")
+    overrides = [*DPO, f"dpo.init_adapter={value}"]
+    assert_refused_by_both(recipe_setup(tmp_path, base_recipe(tmp_path), expect, overrides))
+    assert snapshot(tmp_path / "sft-run") == before
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_preference_recipes_get_to_loading(tmp_path, method):
+    """The cases above fail for their one mistake: the same recipe without it passes validate and reaches loading."""
+    run = tmp_path / "sft-run" / "adapter"
+    run.mkdir(parents=True)
+    (run / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (run / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+    overrides = [*(DPO if method == "dpo" else KTO), f"{method}.init_adapter={run.parent}"]
+    setup = recipe_setup(tmp_path, base_recipe(tmp_path), [], overrides)
+    result = invoke("validate", setup)
+    assert result.exit_code == 0, result.output
+    assert isinstance(invoke("run", setup).exception, ReachedLoading)
 
 
 def test_validate_and_run_agree_on_a_good_recipe(tmp_path, tiny_model_dir):
@@ -669,6 +798,8 @@ def test_every_preflight_refusal_is_covered_by_the_corpus():
     }
     covered = {
         "method_problems": test_unavailable_method_is_refused_by_both,
+        "data_kind_problems": test_preference_settings_and_data_that_cannot_train,
+        "init_adapter_problems": test_init_adapter_that_is_not_an_adapter,
         "output_dir_problems": test_output_dir_that_cannot_be_used,
         "data_problems": test_paths_that_point_at_no_usable_data_or_model,
         "chat_format_problems": test_broken_model_folders,  # mistral format without tokenizer.model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune.methods import preference
 from finetune.methods.preference import SUMMARY_KEYS, reference_arguments, show_first_record
 
 __all__ = ["SUMMARY_KEYS", "build_trainer", "show_first_record"]
@@ -22,20 +23,7 @@ def config_arguments(settings) -> dict[str, Any]:
 def build_trainer(recipe, model, tokenizer, prepared, args: dict[str, Any], callbacks: list):
     from trl import KTOConfig, KTOTrainer
 
-    from data_tools.preference import trl_ready
     from finetune.recipe import method_settings
 
-    class PretokenizedKTOTrainer(KTOTrainer):
-        """data_tools tokenises exactly as mistral-common does; TRL would re-tokenise with the chat template."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return trl_ready(dataset, args)
-
-    return PretokenizedKTOTrainer(
-        model=model,
-        args=KTOConfig(**args, **config_arguments(method_settings(recipe))),
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    settings = config_arguments(method_settings(recipe))
+    return preference.build_trainer(KTOTrainer, KTOConfig, settings, model, tokenizer, prepared, args, callbacks)

@@ -34,3 +34,24 @@ def show_first_record(dataset, tokenizer) -> None:
 def reference_arguments(settings) -> dict[str, Any]:
     """The reference-policy options both TRL configs take."""
     return {"precompute_ref_log_probs": settings.precompute_ref_log_probs, "beta": settings.beta}
+
+
+def build_trainer(
+    trainer_cls, config_cls, config_arguments: dict[str, Any], model, tokenizer, prepared, args, callbacks
+):
+    """TRL's DPO/KTO trainer taking data_tools' ids as they are: TRL 1.16 always re-tokenises in `_prepare_dataset`
+    with the chat template, which is not mistral-common's format, so that one method is replaced."""
+    from data_tools.preference import trl_ready
+
+    class Pretokenized(trainer_cls):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return trl_ready(dataset, args)
+
+    return Pretokenized(
+        model=model,
+        args=config_cls(**args, **config_arguments),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )

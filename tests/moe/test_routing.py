@@ -33,14 +33,15 @@ def test_tracker_counts_equal_manual_count_from_router_outputs(tiny_dir, trainab
                 entropy[layer] += -(probs * probs.log()).sum()
     metrics = tracker.compute()
     assert counts.sum() == tokens * config.num_experts_per_tok * config.num_hidden_layers
+    assert len(metrics["moe/load"]) == config.num_hidden_layers  # one heatmap row per layer
     for layer in range(config.num_hidden_layers):
         load = counts[layer] / counts[layer].sum()
-        for expert in range(config.num_local_experts):
-            assert metrics[f"moe/layer{layer}/expert{expert}_load"] == pytest.approx(load[expert].item())
-        assert metrics[f"moe/layer{layer}/imbalance"] == pytest.approx((load.max() / load.mean()).item())
-        assert metrics[f"moe/layer{layer}/router_entropy"] == pytest.approx(entropy[layer].item() / tokens, rel=1e-5)
-    assert 0 < metrics["moe/router_entropy_mean"] <= math.log(config.num_local_experts)
-    assert metrics["moe/imbalance_mean"] >= 1.0
+        assert metrics["moe/load"][layer] == pytest.approx(load.tolist())
+        assert metrics[f"moe_imbalance/layer{layer}"] == pytest.approx((load.max() / load.mean()).item())
+        assert metrics[f"moe_entropy/layer{layer}"] == pytest.approx(entropy[layer].item() / tokens, rel=1e-5)
+    assert 0 < metrics["moe_entropy/mean"] <= math.log(config.num_local_experts)
+    assert metrics["moe_imbalance/mean"] >= 1.0
+    assert metrics["moe/routed_tokens"] == tokens
     assert tracker.compute() == {}  # reset after compute
     tracker.remove()
     with torch.no_grad():
@@ -76,5 +77,57 @@ def test_tracker_leaves_padding_out(tiny_dir):
     for layer, logits in enumerate(out.router_logits):
         top = logits.float().softmax(-1).topk(k, dim=-1).indices[keep]
         load = torch.bincount(top.reshape(-1), minlength=experts).double() / (keep.sum() * k)
-        for expert in range(experts):
-            assert metrics[f"moe/layer{layer}/expert{expert}_load"] == pytest.approx(load[expert].item())
+        assert metrics["moe/load"][layer] == pytest.approx(load.tolist())
+    assert metrics["moe/routed_tokens"] == keep.sum().item()
+
+
+def test_tracker_counts_on_device_without_host_syncs(tiny_dir):
+    """The hooks leave every accumulator a tensor (no .item() per forward); compute() reads them once."""
+    model, _ = load_mixtral(tiny_dir, quantization="nf4", dtype=torch.float32)
+    tracker = ExpertLoadTracker(model)
+    ids = torch.randint(0, 32000, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert all(isinstance(t, torch.Tensor) for t in tracker._tokens.values())
+    assert all(isinstance(t, torch.Tensor) for t in tracker._entropy_sum.values())
+    assert tracker.compute()["moe/routed_tokens"] == ids.numel()
+
+
+def test_train_only_and_paused_forwards_are_not_counted(tiny_dir):
+    model, _ = load_mixtral(tiny_dir, quantization="nf4", dtype=torch.float32)
+    tracker = ExpertLoadTracker(model, train_only=True)
+    ids = torch.randint(0, 32000, (1, 5), generator=torch.Generator().manual_seed(4))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert tracker.compute() == {}  # an eval-mode forward (evaluation, generation) is not training load
+    model.train()
+    with torch.no_grad(), tracker.paused():
+        model(input_ids=ids)
+    assert tracker.compute() == {}
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert tracker.compute()["moe/routed_tokens"] == ids.numel()
+
+
+def test_drift_is_the_fraction_of_probe_tokens_whose_top1_changed(tiny_dir):
+    model, _ = load_mixtral(tiny_dir, quantization="nf4", dtype=torch.float32)
+    tracker = ExpertLoadTracker(model)
+    probe = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(8))
+    assert tracker.drift(model, probe) == {}  # the first probe sets the baseline
+    assert tracker.compute() == {}  # probes are not counted as load
+    unchanged = tracker.drift(model, probe)
+    assert unchanged["moe_drift/mean"] == 0.0
+    routers = [m for m in model.modules() if type(m).__name__.endswith("Router")]
+    with torch.no_grad():
+        routers[0].weight.neg_()  # layer 0's top-1 becomes its former last choice for every token
+    out = model(input_ids=probe, output_router_logits=True)
+    top1 = out.router_logits[0].argmax(-1)
+    with torch.no_grad():
+        routers[0].weight.neg_()
+    before = model(input_ids=probe, output_router_logits=True).router_logits[0].argmax(-1)
+    with torch.no_grad():
+        routers[0].weight.neg_()
+    changed = tracker.drift(model, probe)
+    assert changed["moe_drift/layer0"] == pytest.approx((top1 != before).double().mean().item())
+    assert changed["moe_drift/layer0"] > 0.5

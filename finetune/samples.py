@@ -1,0 +1,118 @@
+"""Sample generations during training: a few eval prompts, greedy, adapter on, at each evaluation and at the end.
+
+The prompts come from the prepared dataset, whatever the method: SFT rows carry input_ids/labels (the prompt is
+every token before the first trained label, the reference the trained tokens after it); DPO rows carry
+prompt_ids/chosen_ids and KTO rows prompt_ids/completion_ids. Rows go to the tracker (a W&B table, samples.jsonl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, TrainerCallback
+
+IGNORE = -100
+REFERENCE_KEYS = ("chosen_ids", "completion_ids")
+
+
+def sft_prompt(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
+    """Tokens before the first trained label, and the run of trained tokens that follows (None: no prompt)."""
+    start = next((i for i, label in enumerate(labels) if label != IGNORE), None)
+    if not start:  # no trained token, or nothing before it to prompt with
+        return None
+    end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE), len(labels))
+    return list(input_ids[:start]), list(input_ids[start:end])
+
+
+def prompt_rows(dataset: Any, n: int, max_prompt_tokens: int = 512) -> list[tuple[list[int], list[int]]]:
+    """Up to n (prompt_ids, reference_ids) pairs from the first rows of a prepared dataset; long prompts keep
+    their last tokens (the turn being answered)."""
+    if dataset is None or n <= 0:
+        return []
+    columns = set(dataset.column_names)
+    pairs = []
+    for row in dataset.select(range(min(len(dataset), 8 * n))):
+        if {"input_ids", "labels"} <= columns:
+            pair = sft_prompt(row["input_ids"], row["labels"])
+        elif "prompt_ids" in columns:
+            key = next((k for k in REFERENCE_KEYS if k in columns), None)
+            pair = (list(row["prompt_ids"]), list(row[key]) if key else [])
+        else:
+            return []
+        if pair and pair[0] and pair not in pairs:
+            pairs.append((pair[0][-max_prompt_tokens:], pair[1]))
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+@torch.no_grad()
+def generate_rows(model, tokenizer, pairs, *, step: int, max_new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy continuations of each prompt with the model as it is now (adapter on), as table rows."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    rows = []
+    try:
+        for prompt, reference in pairs:
+            ids = torch.tensor([prompt], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            rows.append(
+                {
+                    "step": step,
+                    "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+                    "reference": tokenizer.decode(reference, skip_special_tokens=True),
+                    "generated": tokenizer.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True),
+                }
+            )
+    finally:
+        model.train(was_training)
+    return rows
+
+
+class SamplesCallback(TrainerCallback):
+    """Generates the samples after each evaluation and at the end of training (once per step)."""
+
+    def __init__(self, tracker, model, tokenizer, pairs, *, max_new_tokens: int, expert_load: Any = None):
+        self.tracker = tracker
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pairs = pairs
+        self.max_new_tokens = max_new_tokens
+        self.expert_load = expert_load
+        self.seconds = 0.0
+        self._done_steps: set[int] = set()
+
+    def sample(self, step: int) -> None:
+        if not self.pairs or step in self._done_steps:
+            return
+        import time
+
+        started = time.perf_counter()
+        self._done_steps.add(step)
+        paused = self.expert_load.paused() if self.expert_load is not None else contextlib.nullcontext()
+        try:
+            with paused:
+                rows = generate_rows(
+                    self.model, self.tokenizer, self.pairs, step=step, max_new_tokens=self.max_new_tokens
+                )
+        except Exception as e:  # samples are a view on training, never a reason to stop it
+            print(f"warning: sample generation failed at step {step} ({e}); training continues")
+            self.pairs = []
+            return
+        self.tracker.log_samples(rows, step)
+        self.seconds += time.perf_counter() - started
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.sample(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.sample(state.global_step)
