@@ -250,6 +250,23 @@ def chat(
         fail(e)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run's output folder (holds metrics.jsonl)")],
+    other: Annotated[Path | None, typer.Argument(help="A second run folder: its curves are overlaid")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for the PNGs and report.md")] = None,
+) -> None:
+    """Render the run's curves, expert-load heatmaps and samples as PNGs and a one-page report.md."""
+    from finetune.report import write_report
+
+    try:
+        out = write_report([run_dir, *([other] if other else [])], output)
+    except UserError as e:
+        fail(e)
+        return
+    typer.echo(f"report: {out / 'report.md'}")
+
+
 def mount_data_commands() -> None:
     try:
         from finetune.cli_data import app as data_app

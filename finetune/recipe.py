@@ -173,16 +173,22 @@ class TrackingSettings(Strict):
         "none", description="Where metrics go besides metrics.jsonl; tensorboard/mlflow need their pip package"
     )
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
-        "auto", description="W&B mode; auto: online when logged in (WANDB_API_KEY or netrc), else offline; never prompts"
+        "auto",
+        description="W&B mode; auto: online when logged in (WANDB_API_KEY or netrc), else offline; never prompts",
     )
     project: str = Field("finetune", description="W&B / MLflow project (experiment)")
     entity: str | None = Field(None, description="W&B entity (team or user)")
     run_name: str | None = Field(None, description="Run name (default: the output folder name)")
     group: str | None = Field(None, description="W&B run group")
     notes: str | None = Field(None, description="W&B run notes")
-    tags: list[str] = Field(default_factory=list, description="Tags, added to the default ones (method, quantisation, model)")
+    tags: list[str] = Field(
+        default_factory=list, description="Tags, added to the default ones (method, quantisation, model)"
+    )
     sample_prompts: int = Field(
-        4, ge=0, le=64, description="Eval prompts generated (greedy, adapter on) at each evaluation and at the end; 0: none"
+        4,
+        ge=0,
+        le=64,
+        description="Eval prompts generated (greedy, adapter on) at each evaluation and at the end; 0: none",
     )
     sample_max_new_tokens: int = Field(32, ge=1, le=4096, description="New tokens per sample generation")
     log_adapter: bool = Field(False, description="Log the final adapter folder as a W&B artifact of type model")

@@ -24,7 +24,7 @@ def heatmap_figure(load: list[list[float]], title: str = "expert load", ax: Any 
     ax.set_xticks(range(experts))
     ax.set_yticks(range(rows))
     ax.set_title(title, fontsize=10)
-    figure.colorbar(image, ax=ax, label=f"share of tokens (balanced = {balanced:.3f})")
+    figure.colorbar(image, ax=ax, label=f"token share (even: {balanced:.3g})")
     figure.tight_layout()
     return figure
 

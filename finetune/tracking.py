@@ -14,6 +14,7 @@ import math
 import netrc
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,15 @@ def scrub_secrets(data: Any, _secrets: set[str] | None = None) -> Any:
         for s in secrets:
             data = data.replace(s, SCRUBBED)
     return data
+
+
+def scrub_argv(argv: list[str]) -> list[str]:
+    """A command line with `key=value` secrets (by key or by value) scrubbed."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        out.append(f"{key}={SCRUBBED}" if eq and value and is_secret_key(key.rpartition(".")[2]) else arg)
+    return scrub_secrets(out)
 
 
 def scrub_yaml(text: str) -> str:
@@ -132,7 +142,16 @@ class WandbSink:
         self._wandb = wandb
         self.mode = resolve_mode(settings.mode)
         self._samples: list[list[Any]] = []
-        self.run = wandb.init(
+        argv = sys.argv
+        sys.argv = scrub_argv(argv)  # W&B records the command line (a `--set x.token=...` would leak): scrubbed copy
+        try:
+            self.run = self._init(settings, name=name, tags=tags, config=config, output_dir=output_dir)
+        finally:
+            sys.argv = argv
+
+    def _init(self, settings: Any, *, name: str, tags: list[str], config: dict[str, Any], output_dir: Path):
+        wandb = self._wandb
+        return wandb.init(
             project=settings.project,
             entity=settings.entity,
             name=name,
@@ -334,9 +353,15 @@ def run_config(recipe_data: dict[str, Any], loaded: Any, versions: dict[str, str
 
 
 def peak_memory_bytes(device: torch.device | None) -> int:
+    """Peak so far: torch's allocator on CUDA, the process's max resident set on CPU."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return current_rss()
+    try:
+        import resource
+
+        return max(current_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    except ImportError:  # Windows
+        return current_rss()
 
 
 class TrackingCallback(TrainerCallback):

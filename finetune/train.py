@@ -120,14 +120,11 @@ def data_summary(stats: dict[str, Any]) -> str:
 
 def init_adapter(recipe: Recipe) -> Path | None:
     """The adapter a preference run starts from (`dpo.init_adapter`): the folder itself or its adapter/."""
+    from finetune.preflight import init_adapter_dir
     from finetune.recipe import method_settings
 
-    settings = method_settings(recipe)
-    path = getattr(settings, "init_adapter", None)
-    if not path:
-        return None
-    folder = Path(path).expanduser()
-    return folder / "adapter" if (folder / "adapter" / "adapter_config.json").is_file() else folder
+    path = getattr(method_settings(recipe), "init_adapter", None)
+    return init_adapter_dir(Path(path).expanduser()) if path else None
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False) -> dict[str, Any]:

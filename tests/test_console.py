@@ -159,7 +159,7 @@ def test_user_type_speaks_in_recipe_terms():
     data_fields = fields["data"].annotation.model_fields
     training_fields = fields["training"].annotation.model_fields
     assert user_type(data_fields["train"].annotation) == "list of sources"
-    assert user_type(fields["method"].annotation) == "one of: sft, dpo"
+    assert user_type(fields["method"].annotation) == "one of: sft, dpo, kto"
     assert user_type(training_fields["learning_rate"].annotation) == "number"
     assert user_type(training_fields["eval_steps"].annotation) == "integer or none"
     assert user_type(data_fields["eval"].annotation) == "source or none"

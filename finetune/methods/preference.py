@@ -31,11 +31,6 @@ def show_first_record(dataset, tokenizer) -> None:
     console.print(preference_view(dataset[0], tokenizer))
 
 
-def reference_arguments(settings) -> dict[str, Any]:
-    """The reference-policy options both TRL configs take."""
-    return {"precompute_ref_log_probs": settings.precompute_ref_log_probs, "beta": settings.beta}
-
-
 def build_trainer(
     trainer_cls, config_cls, config_arguments: dict[str, Any], model, tokenizer, prepared, args, callbacks
 ):
