@@ -148,7 +148,8 @@ class ExpertLoadTracker:
         was_training = model.training
         model.eval()
         try:
-            model(input_ids=input_ids.to(next(model.parameters()).device))
+            with torch.no_grad():
+                model(input_ids=input_ids.to(next(model.parameters()).device))
         finally:
             model.train(was_training)
             probe, self._probe = self._probe, None
