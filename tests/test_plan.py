@@ -144,6 +144,7 @@ def test_cli_table_from_a_folder_with_only_config_json(tmp_path):
 
 def test_hub_id_without_network_is_a_clean_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the env var is read at import
     result = CliRunner().invoke(app, ["plan", str(REAL_RECIPE), "--set", "model.path=nobody/not-a-cached-model"])
     assert result.exit_code == 2
     assert "needs the config.json" in result.stderr

@@ -227,8 +227,13 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(case, run_dir, tiny_mo
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     source = tmp_path if case == "no-adapter" else run_dir
     expect = expect or "holds no adapter"
-    result = cli("merge", str(source), "-o", str(out), "--base", str(base), *args)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    result = CliRunner().invoke(app, ["merge", str(source), "-o", str(out), "--base", str(base), *args])
+    assert result.exit_code == 2, result.output[-2000:]
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
