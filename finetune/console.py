@@ -156,6 +156,9 @@ PEFT_LOAD = (
 NEXT_STEPS: tuple[tuple[str, str], ...] = (
     ("the logged steps", "tail -n 3 {out}/metrics.jsonl"),
     ("what was trained on, with the loss mask", "finetune data preview {data} --recipe {recipe} -n 3"),
+    ("try it (the run's base, quantisation and chat format)", "finetune generate --model {out} --prompt 'Hello!'"),
+    ("merge into the base for serving, verified by logits", "finetune merge {out} -o {out}-merged"),
+    ("plots of loss, routing and samples", "finetune report {out}"),
     ("load the adapter with stock PEFT", "python -c {peft_load}"),
     ("train again with a change", "finetune run {recipe} --set output_dir={out}-2 --set training.max_steps=..."),
 )

@@ -132,7 +132,13 @@ def test_summary_says_results_outputs_and_next_commands(tmp_path):
         line.strip() for line in text.splitlines() if line.startswith("  ") and not line.strip().startswith("#")
     ]
     assert "finetune data preview builtin:tiny-chat --recipe" in text
-    assert not any(word in text for word in ("finetune merge", "finetune generate", "finetune chat"))  # not built yet
+    assert "finetune merge" in text and "finetune generate" in text and "finetune report" in text
+    from finetune.cli import app
+
+    registered = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    registered |= {g.name for g in app.registered_groups}
+    named = {line.split()[1] for line in commands if line.startswith("finetune ")}
+    assert named and named <= registered, named - registered  # every suggested command exists
     for command in commands[-len(NEXT_STEPS) :]:
         shlex.split(command)  # each parses as a shell command
 

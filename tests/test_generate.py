@@ -11,8 +11,6 @@ import yaml
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
 from mistral_common.protocol.instruct.request import InstructRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from peft import PeftModel
-from transformers import MixtralForCausalLM
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -51,13 +49,11 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def merged_dir(tiny_model_dir, adapter_dir, tmp_path_factory):
-    """Stock PEFT's merge_and_unload on stock Mixtral, saved as a plain checkpoint (`finetune merge` can replace it)."""
-    out = tmp_path_factory.mktemp("merged")
-    base = MixtralForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(str(out))
-    for f in tiny_model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, out / f.name)
+    """`finetune merge` of the adapter onto the 16-bit base (verified by logits as it writes)."""
+    from finetune.export.merge_run import merge
+
+    out = tmp_path_factory.mktemp("merged") / "model"
+    merge(adapter_dir, out, base=str(tiny_model_dir), dtype="float32", echo=lambda _line: None)
     return out
 
 
