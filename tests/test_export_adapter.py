@@ -19,25 +19,15 @@ from finetune.moe import apply_lora, load_mixtral, save_adapter
 runner = CliRunner()
 
 
-def random_lora_(model, seed: int) -> None:
-    """Random non-zero LoRA and router weights (as tests/moe/conftest.py does): a zero B would prove nothing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g) * 0.05
-                p.copy_(p + noise if "gate" in name and "lora" not in name else noise)
-
-
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
+def run_dir(tiny_model_dir, tmp_path_factory, randomize_lora):
     """A run folder whose adapter has attention LoRA (r=4), expert LoRA (r=2, rsLoRA) and a trained router."""
     run = tmp_path_factory.mktemp("run")
     base, _ = load_mixtral(tiny_model_dir, quantization="none", dtype=torch.float32)
     model = apply_lora(base, attention_targets=["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0,
                        expert_targets=["gate_up_proj", "down_proj"], expert_r=2, expert_alpha=6, train_router=True,
                        use_rslora=True)  # fmt: skip
-    random_lora_(model, seed=1)
+    randomize_lora(model, seed=1)
     save_adapter(model, run / "adapter")
     return run
 

@@ -23,28 +23,18 @@ runner = CliRunner()
 GREEDY = Sampling(max_new_tokens=8, temperature=0.0)
 
 
-def random_lora_(model, seed: int) -> None:
-    """Random non-zero LoRA and router weights (as tests/moe/conftest.py does): a zero B would prove nothing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g) * 0.05
-                p.copy_(p + noise if "gate" in name and "lora" not in name else noise)
-
-
-def make_adapter(model_dir, output, seed: int = 0):
+def make_adapter(model_dir, output, randomize, seed: int = 0):
     base, _ = load_mixtral(model_dir, quantization="none", dtype=torch.float32)
     model = apply_lora(base, attention_targets=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8, dropout=0.0,
                        expert_targets=["gate_up_proj", "down_proj"], expert_r=2, expert_alpha=4, train_router=True)  # fmt: skip
-    random_lora_(model, seed)
+    randomize(model, seed)
     save_adapter(model, output)
     return output
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
+def adapter_dir(tiny_model_dir, tmp_path_factory, randomize_lora):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "adapter", randomize_lora)
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +136,11 @@ def test_builtin_tiny_model_name_resolves():
     assert (source.model_dir / "config.json").is_file() and source.chat_format == "mistral"
 
 
-def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, randomize_lora):
     not_adapter = tmp_path / "not-an-adapter"
     not_adapter.mkdir()
     other = write_tiny_model(tmp_path / "other", TinySpec(hidden_size=32, intermediate_size=64, experts=4))
-    other_adapter = make_adapter(other, tmp_path / "other-adapter")
+    other_adapter = make_adapter(other, tmp_path / "other-adapter", randomize_lora)
     model = ["--model", str(tiny_model_dir)]
     cases = [
         (["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"], "does not exist"),
