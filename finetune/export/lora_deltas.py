@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.errors import UserError
+from finetune.moe.peft_model import pattern_value
 
 PREFIX = "base_model.model."
 EXPERT_LORA = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.((?:base_layer\.)*)lora_([AB])\.weight$")
@@ -67,14 +68,6 @@ class AdapterDeltas:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank/alpha pattern lookup: a key matches a module name ending in it (regex allowed)."""
-    for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", name):
-            return value
-    return default
-
-
 def canonical_key(key: str) -> str:
     """Base key with the router under its v5 name, so per-expert and fused checkpoints compare equal."""
     return key.replace(ROUTER_ALIASES[0], ROUTER_ALIASES[1])
@@ -94,7 +87,7 @@ def read_adapter(adapter_dir: Path, num_experts: int) -> AdapterDeltas:
     targets = list(config.get("target_parameters") or [])
 
     def scaling(name: str, r: int) -> float:
-        a = _pattern_value(alpha_pattern, name, alpha)
+        a = pattern_value(alpha_pattern, name, alpha)
         return a / math.sqrt(r) if rslora else a / r
 
     out = AdapterDeltas()

@@ -23,7 +23,8 @@ def _expert_layers(model):
     return [m for m in model.modules() if isinstance(m, ExpertLoraLayer)]
 
 
-def _pattern(patterns: dict, target: str, default):
+def pattern_value(patterns: dict, target: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches a module or parameter name ending in it (regex allowed)."""
     for key, value in (patterns or {}).items():
         if re.fullmatch(rf"(.*\.)?{key}", target):
             return value
@@ -47,8 +48,8 @@ class MixtralPeftModel(PeftModelForCausalLM):
         for layer in _expert_layers(self):
             target = EXPERT_PREFIX + layer.parameter_name
             if target in experts:
-                r = _pattern(peft_config.rank_pattern, target, peft_config.r)
-                alpha = _pattern(peft_config.alpha_pattern, target, peft_config.lora_alpha)
+                r = pattern_value(peft_config.rank_pattern, target, peft_config.r)
+                alpha = pattern_value(peft_config.alpha_pattern, target, peft_config.lora_alpha)
                 layer.update_layer(adapter_name, r, alpha, use_rslora=peft_config.use_rslora)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
