@@ -262,6 +262,7 @@ def load_model(
     """Load the base in the recipe's quantisation and attach LoRA; print what is quantised and what LoRA targets."""
     from finetune.moe.loading import load_mixtral
     from finetune.moe.lora import apply_lora, lora_summary
+    from finetune.sharding import quant_storage
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -272,6 +273,7 @@ def load_model(
             dtype=dtype,
             device=device,
             double_quant=settings.double_quant,
+            quant_storage=quant_storage(dtype),  # FSDP2 shards 4-bit attention only when packed in a float dtype
         )
     if settings.attn_implementation:
         base.set_attn_implementation(settings.attn_implementation)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
+from finetune.sharding import is_sharded
+
 IGNORE = -100
 REFERENCE_KEYS = ("chosen_ids", "completion_ids")
 
@@ -54,6 +56,7 @@ def generate_rows(model, tokenizer, pairs, *, step: int, max_new_tokens: int) ->
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    synced = is_sharded(model)  # FSDP2: every rank generates in lockstep until all have finished
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -64,7 +67,9 @@ def generate_rows(model, tokenizer, pairs, *, step: int, max_new_tokens: int) ->
     try:
         for prompt, reference in pairs:
             ids = torch.tensor([prompt], device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, synced_gpus=synced
+            )
             rows.append(
                 {
                     "step": step,

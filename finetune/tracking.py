@@ -435,18 +435,22 @@ def tracking_callbacks(recipe: Any, tracker: Tracker, loaded: Any, tokenizer: An
     """(TrackingCallback, SamplesCallback, ExpertLoadTracker or None) for a run, from the recipe's settings.
 
     Router drift is on for runs that train the router or tune preferences; samples use the eval prompts (the
-    train prompts when there is no eval split). Only the main process generates or probes.
+    train prompts when there is no eval split). Only the main process generates or probes, except under FSDP2:
+    there every forward gathers the layers collectively, so all ranks generate and probe and only rank 0 logs.
     """
     from finetune.moe.routing import ExpertLoadTracker
     from finetune.samples import SamplesCallback, prompt_rows
+    from finetune.sharding import fsdp_launch
+
+    generates = main_process or fsdp_launch()
 
     model = loaded.model
     expert_load = ExpertLoadTracker(model, train_only=True) if recipe.moe.track_expert_load else None
-    n = recipe.tracking.sample_prompts if main_process else 0
+    n = recipe.tracking.sample_prompts if generates else 0
     pairs = prompt_rows(prepared.eval if prepared.eval is not None else prepared.train, max(n, 1))
     probe = None
     wants_drift = recipe.lora.router == "trainable" or recipe.method in ("dpo", "kto")
-    if expert_load is not None and main_process and wants_drift and pairs:
+    if expert_load is not None and generates and wants_drift and pairs:
         prompt, reference = pairs[0]
         probe = torch.tensor([(prompt + reference)[-128:]])
     callback = TrackingCallback(tracker, expert_load, model=model, drift_probe=probe, device=loaded.device)

@@ -75,14 +75,19 @@ class LoadReport:
 
 def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
     """Tensors a bitsandbytes parameter keeps outside its data: 4-bit QuantState, or int8 row scales."""
-    out = []
-    state = getattr(param, "quant_state", None)
-    while state is not None:
-        out += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
-        state = state.state2
+    out = _state_tensors(getattr(param, "quant_state", None))
     scb = getattr(param, "SCB", None)
     if isinstance(scb, torch.Tensor):
         out.append(scb)
+    return out
+
+
+def _state_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a 4-bit QuantState and its nested (double-quantisation) state."""
+    out = []
+    while state is not None:
+        out += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
+        state = state.state2
     return out
 
 
@@ -90,18 +95,32 @@ def _is_adapter_tensor(name: str) -> bool:
     return ".lora_" in name or "modules_to_save." in name
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of the base model's parameters and buffers, including bitsandbytes quant states (adapters excluded)."""
+def model_bytes(model: nn.Module, *, local: bool = False) -> int:
+    """Bytes of the base model's parameters and buffers, including bitsandbytes quant states (adapters excluded).
+
+    `local`: under FSDP2, count only this rank's shard of each sharded parameter (the bytes it keeps resident).
+    """
+    from torch.distributed.tensor import DTensor
+
     seen: set[int] = set()
     total = 0
     tensors = [(n, t) for n, t in model.named_parameters()] + [(n, t) for n, t in model.named_buffers()]
-    for name, module in model.named_modules():  # Linear8bitLt moves its row scales into module.state on first use
+    for name, module in model.named_modules():
+        # Linear8bitLt moves its row scales into module.state on first use; a sharded Linear4bit keeps its
+        # quant state on the module only (the sharded parameter is no longer a Params4bit)
         scb = getattr(getattr(module, "state", None), "SCB", None)
         if isinstance(module, bnb.nn.Linear8bitLt) and isinstance(scb, torch.Tensor):
             tensors.append((name, scb))
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is None:
+            tensors += [(name, x) for x in _state_tensors(getattr(module, "quant_state", None))]
     for name, t in tensors:
         if _is_adapter_tensor(name):
             continue
+        if isinstance(t, DTensor):
+            if not local:  # the whole parameter's size, without gathering it
+                total += t.numel() * t.element_size()
+                continue
+            t = t.to_local()
         for x in [t, *_quant_state_tensors(t)]:
             key = x.untyped_storage().data_ptr() if x.device.type != "meta" else id(x)
             if key in seen:
@@ -137,15 +156,15 @@ def build_report(model: nn.Module, quantization: str) -> LoadReport:
             g = groups["experts"]
             g["params"] += module.num_base_params
             g["quantized_params"] += module.num_base_params if module.quantization != "none" else 0
-            g["bytes"] += sum(b.numel() * b.element_size() for b in module.buffers())
+            g["bytes"] += sum(t.numel() * t.element_size() for t in module.parameters())
             continue
         for p_name, param in module.named_parameters(recurse=False):
             group = _group_of(f"{mod_name}.{p_name}")
             if group is None:
                 continue
-            quantized = isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)) and param.dtype in (
-                torch.uint8,
-                torch.int8,
+            # a 4-bit weight may be packed into a float `quant_storage` (for FSDP), so ask bitsandbytes, not the dtype
+            quantized = (isinstance(param, bnb.nn.Params4bit) and param.bnb_quantized) or (
+                isinstance(param, bnb.nn.Int8Params) and param.dtype == torch.int8
             )
             n = module.in_features * module.out_features if quantized else param.numel()
             g = groups[group]
@@ -295,7 +314,9 @@ def keep_standard_cpu_layout(model: nn.Module) -> int:
     return count
 
 
-def _quantized_linear(linear: nn.Linear, quantization: str, dtype: torch.dtype, double_quant: bool) -> nn.Module:
+def _quantized_linear(
+    linear: nn.Linear, quantization: str, dtype: torch.dtype, double_quant: bool, storage
+) -> nn.Module:
     if quantization in FOUR_BIT:
         return bnb.nn.Linear4bit(
             linear.in_features,
@@ -304,6 +325,7 @@ def _quantized_linear(linear: nn.Linear, quantization: str, dtype: torch.dtype, 
             compute_dtype=dtype,
             compress_statistics=double_quant,
             quant_type=quantization,
+            quant_storage=storage,
             device="meta",
         )
     return bnb.nn.Linear8bitLt(
@@ -311,7 +333,9 @@ def _quantized_linear(linear: nn.Linear, quantization: str, dtype: torch.dtype, 
     )
 
 
-def _build_skeleton(config: MixtralConfig, quantization: str, dtype, device, double_quant, blocksize):
+def _build_skeleton(
+    config: MixtralConfig, quantization: str, dtype, device, double_quant, blocksize, storage=torch.uint8
+):
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
     for layer in model.model.layers:
@@ -331,11 +355,11 @@ def _build_skeleton(config: MixtralConfig, quantization: str, dtype, device, dou
         if quantization != "none":
             for proj in ATTENTION_PROJECTIONS:
                 old = getattr(layer.self_attn, proj)
-                setattr(layer.self_attn, proj, _quantized_linear(old, quantization, dtype, double_quant))
+                setattr(layer.self_attn, proj, _quantized_linear(old, quantization, dtype, double_quant, storage))
     return model
 
 
-def _place(model: nn.Module, name: str, tensor: torch.Tensor, quantization, dtype, device, blocksize, double_quant):
+def _place(model: nn.Module, name: str, tensor, quantization, dtype, device, blocksize, double_quant, storage):
     module_name, _, param_name = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(module, bnb.nn.Linear4bit):
@@ -345,6 +369,7 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, quantization, dtyp
             blocksize=blocksize,
             compress_statistics=double_quant,
             quant_type=quantization,
+            quant_storage=storage,
             module=module,
         )
         module.weight = weight.to(device)  # quantises on arrival
@@ -365,10 +390,13 @@ def load_mixtral(
     double_quant: bool = True,
     blocksize: int = 64,
     num_layers: int | None = None,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> tuple[MixtralForCausalLM, LoadReport]:
     """Load a local Mixtral checkpoint with its experts (and attention) quantised as each tensor streams in.
 
     `num_layers` keeps only the first decoder layers (a truncated model, for checks that cannot hold the whole one).
+    `quant_storage` is the dtype the 4-bit attention weights are packed into: FSDP2 shards only floating-point
+    `Params4bit` (accelerate leaves uint8 ones whole on every rank), so sharded runs pack them into the compute dtype.
     """
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}", [f"choose one of {', '.join(QUANTIZATIONS)}"])
@@ -382,12 +410,19 @@ def load_mixtral(
     files = shard_files(path)
     keys = [key for file in files for key in keys_of(file) if _layer_of(key) < config.num_hidden_layers]
 
-    model = _build_skeleton(config, quantization, dtype, device, double_quant, blocksize)
+    model = _build_skeleton(config, quantization, dtype, device, double_quant, blocksize, quant_storage)
     _check_keys(keys, model, config)
     wanted = set(keys)
     layers = model.model.layers
     pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    place = dict(quantization=quantization, dtype=dtype, device=device, blocksize=blocksize, double_quant=double_quant)
+    place = dict(
+        quantization=quantization,
+        dtype=dtype,
+        device=device,
+        blocksize=blocksize,
+        double_quant=double_quant,
+        storage=quant_storage,
+    )
     for file, key in [(shard, key) for shard in files for key in keys_of(shard) if key in wanted]:
         if key.endswith("rotary_emb.inv_freq"):
             continue

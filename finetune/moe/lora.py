@@ -70,7 +70,7 @@ class ExpertLoraLayer(nn.Module, BaseTunerLayer):
         """Create adapter weights initialised like PEFT (A kaiming-uniform, B zeros), in float32 on the base device."""
         if r <= 0:
             raise ValueError(f"expert LoRA rank must be positive, got {r}")
-        device = next(self.get_base_layer().buffers()).device
+        device = next(self.get_base_layer().parameters()).device
         a = nn.Linear(self.in_features, r * self.num_experts, bias=False, device=device, dtype=torch.float32)
         b = nn.Linear(r * self.num_experts, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -223,9 +223,12 @@ def apply_lora(
     )
 
 
-def save_adapter(model: PeftModel, output_dir) -> None:
-    """Write a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
-    model.save_pretrained(str(output_dir), save_embedding_layers=False)
+def save_adapter(model: PeftModel, output_dir, state_dict: dict | None = None) -> None:
+    """Write a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+
+    `state_dict`: the adapter weights gathered whole, for a model whose own are FSDP shards (`finetune.sharding`).
+    """
+    model.save_pretrained(str(output_dir), save_embedding_layers=False, state_dict=state_dict)
 
 
 def load_adapter(model, adapter_dir, *, is_trainable: bool = False, dropout: float = 0.0) -> PeftModel:

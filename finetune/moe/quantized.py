@@ -7,8 +7,10 @@ the routed (token, expert) pairs once, runs only experts that received tokens, d
 expert at a time, and the backward pass dequantises again instead of keeping 16-bit weights alive (`_DequantLinear`).
 Memory above the resident weights is therefore about one expert's weights plus activations, never the layer stack.
 
-Quantised data and quantisation statistics are registered buffers (so `.to(device)`, `state_dict()` and
-`model_bytes` see them); a bitsandbytes `QuantState` is rebuilt from the buffers on every dequantisation.
+Quantised data and quantisation statistics are frozen parameters of integer dtype (float statistics are kept as
+their int32 bit patterns). As parameters, FSDP2 shards them like any weight (each rank holds 1/N of the experts and
+gathers one layer at a time); as integers, mixed precision never casts them and `.to(dtype)` leaves them alone.
+A bitsandbytes `QuantState` is rebuilt from them on every dequantisation.
 Optional per-expert LoRA factors (see `finetune.moe.lora`) are applied split-style inside the routed forward.
 """
 
@@ -113,7 +115,10 @@ class QuantizedExperts(nn.Module):
         n, e = rows * cols, self.num_experts
 
         def buf(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-            self.register_buffer(f"{proj}_{name}", torch.zeros(shape, dtype=dtype, device=device))
+            if dtype == torch.float32 and self.quantization != "none":  # statistics: bit patterns, see `_stat`
+                dtype = torch.int32
+            storage = torch.zeros(shape, dtype=dtype, device=device)
+            self.register_parameter(f"{proj}_{name}", nn.Parameter(storage, requires_grad=False))
 
         if self.quantization in FOUR_BIT:
             blocks = math.ceil(n / self.blocksize)
@@ -137,7 +142,7 @@ class QuantizedExperts(nn.Module):
         rows, cols = self.shapes[proj]
         if tuple(weight.shape) != (rows, cols):
             raise ValueError(f"{proj} of expert {expert}: expected shape {(rows, cols)}, got {tuple(weight.shape)}")
-        device = self._buffer(proj, "data" if self.quantization != "none" else "weight").device
+        device = self._storage(proj, "data" if self.quantization != "none" else "weight").device
         w = weight.to(device)
         with torch.no_grad():
             if self.quantization in FOUR_BIT:
@@ -147,19 +152,19 @@ class QuantizedExperts(nn.Module):
                     compress_statistics=self.double_quant,
                     quant_type=self.quantization,
                 )
-                self._buffer(proj, "data")[expert].copy_(packed.view(-1))
-                self._buffer(proj, "quant_map").copy_(state.code)
-                self._buffer(proj, "absmax")[expert].copy_(state.absmax)
+                self._storage(proj, "data")[expert].copy_(packed.view(-1))
+                self._stat(proj, "quant_map").copy_(state.code)
+                self._absmax(proj)[expert].copy_(state.absmax)
                 if self.double_quant:
-                    self._buffer(proj, "nested_absmax")[expert].copy_(state.state2.absmax)
-                    self._buffer(proj, "nested_code")[expert].copy_(state.state2.code)
-                    self._buffer(proj, "offset")[expert].copy_(state.offset)
+                    self._stat(proj, "nested_absmax")[expert].copy_(state.state2.absmax)
+                    self._stat(proj, "nested_code")[expert].copy_(state.state2.code)
+                    self._stat(proj, "offset")[expert].copy_(state.offset)
             elif self.quantization == "int8":
                 data, scale, _ = bnbf.int8_vectorwise_quant(w.float().contiguous())
-                self._buffer(proj, "data")[expert].copy_(data)
-                self._buffer(proj, "scale")[expert].copy_(scale)
+                self._storage(proj, "data")[expert].copy_(data)
+                self._stat(proj, "scale")[expert].copy_(scale)
             else:
-                self._buffer(proj, "weight")[expert].copy_(w)
+                self._storage(proj, "weight")[expert].copy_(w)
         self._filled[proj][expert] = True
 
     def load_stacked(self, proj: str, stacked: torch.Tensor) -> None:
@@ -181,8 +186,16 @@ class QuantizedExperts(nn.Module):
             if f"{prefix}{proj}_{'weight' if self.quantization == 'none' else 'data'}" in state_dict:
                 self._filled[proj] = [True] * self.num_experts
 
-    def _buffer(self, proj: str, name: str) -> torch.Tensor:
+    def _storage(self, proj: str, name: str) -> torch.Tensor:
         return getattr(self, f"{proj}_{name}")
+
+    def _absmax(self, proj: str) -> torch.Tensor:
+        """Block absmax: uint8 codes under double quantisation, else float32 (stored as int32)."""
+        return self._storage(proj, "absmax") if self.double_quant else self._stat(proj, "absmax")
+
+    def _stat(self, proj: str, name: str) -> torch.Tensor:
+        """A float32 statistic, viewed back from its int32 storage (writes through the view land in the storage)."""
+        return self._storage(proj, name).view(torch.float32)
 
     def dequantize(self, proj: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One expert's [out, in] weight in `dtype` (default: the module dtype). Allocates only that expert."""
@@ -193,27 +206,27 @@ class QuantizedExperts(nn.Module):
             offset = None
             if self.double_quant:
                 state2 = QuantState(
-                    absmax=self._buffer(proj, "nested_absmax")[expert],
-                    code=self._buffer(proj, "nested_code")[expert],
+                    absmax=self._stat(proj, "nested_absmax")[expert],
+                    code=self._stat(proj, "nested_code")[expert],
                     blocksize=NESTED_BLOCKSIZE,
                     dtype=torch.float32,
                 )
-                offset = self._buffer(proj, "offset")[expert]
+                offset = self._stat(proj, "offset")[expert]
             state = QuantState(
-                absmax=self._buffer(proj, "absmax")[expert],
+                absmax=self._absmax(proj)[expert],
                 shape=torch.Size((rows, cols)),
-                code=self._buffer(proj, "quant_map"),
+                code=self._stat(proj, "quant_map"),
                 blocksize=self.blocksize,
                 quant_type=self.quantization,
                 dtype=dtype,
                 offset=offset,
                 state2=state2,
             )
-            return bnbf.dequantize_4bit(self._buffer(proj, "data")[expert], state)
+            return bnbf.dequantize_4bit(self._storage(proj, "data")[expert], state)
         if self.quantization == "int8":
-            data, scale = self._buffer(proj, "data")[expert], self._buffer(proj, "scale")[expert]
+            data, scale = self._storage(proj, "data")[expert], self._stat(proj, "scale")[expert]
             return bnbf.int8_vectorwise_dequant(data, scale).to(dtype)
-        return self._buffer(proj, "weight")[expert].to(dtype)
+        return self._storage(proj, "weight")[expert].to(dtype)
 
     def dequantized_stack(self, proj: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole [E, out, in] stack (for references, tests and merges only; never used in training)."""
@@ -228,7 +241,7 @@ class QuantizedExperts(nn.Module):
     def _linear(self, x: torch.Tensor, proj: str, expert: int) -> torch.Tensor:
         if self.quantization == "none":
             # buffer weight: autograd keeps a reference (no copy) and computes only the input gradient
-            return x @ self._buffer(proj, "weight")[expert].to(x.dtype).t()
+            return x @ self._storage(proj, "weight")[expert].to(x.dtype).t()
         return _DequantLinear.apply(x, self, proj, expert)
 
     @staticmethod

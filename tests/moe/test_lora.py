@@ -148,7 +148,8 @@ def test_training_step_updates_lora_and_keeps_base_frozen(tiny_dir):
     ours, _ = load_mixtral(tiny_dir, quantization="nf4", dtype=torch.float32)
     model = apply_lora(ours, **RECIPE, expert_r=4, expert_alpha=8)
     model.train()
-    frozen = {n: b.clone() for n, b in model.named_buffers() if "experts" in n}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "experts" in n and not p.requires_grad}
+    assert frozen
     attn_before = {n: p.detach().clone() for n, p in model.named_parameters() if "q_proj.base_layer" in n}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -161,7 +162,7 @@ def test_training_step_updates_lora_and_keeps_base_frozen(tiny_dir):
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "experts" in n and "lora_B" in n)
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "q_proj" in n and "lora_B" in n)  # through Linear4bit
     optimizer.step()
-    assert all(torch.equal(b, frozen[n]) for n, b in model.named_buffers() if n in frozen)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert all(torch.equal(p, attn_before[n]) for n, p in model.named_parameters() if n in attn_before)
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
 

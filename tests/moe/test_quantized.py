@@ -125,15 +125,20 @@ def test_only_routed_experts_run_and_one_expert_is_dequantised_at_a_time():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_buffers_move_and_rebuild_quant_state():
+def test_storage_moves_and_rebuilds_quant_state():
     experts = _random_experts("nf4")
     before = experts.dequantize("down_proj", 1)
     clone = QuantizedExperts(4, 32, 48, quantization="nf4", dtype=torch.float32)
     clone.load_state_dict(experts.state_dict())
     assert torch.equal(clone.dequantize("down_proj", 1), before)
     assert clone.is_complete()
-    names = dict(experts.named_buffers())
+    names = dict(experts.named_parameters())
     assert names["gate_up_proj_data"].dtype == torch.uint8 and names["gate_up_proj_data"].shape == (4, 48 * 32)
+    # frozen integer parameters: FSDP2 shards them, mixed precision and `.to(dtype)` never cast them
+    assert not any(p.requires_grad or p.is_floating_point() for p in experts.parameters())
+    assert not list(experts.buffers())
+    experts.to(torch.bfloat16)
+    assert torch.equal(experts.dequantize("down_proj", 1), before)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
