@@ -99,6 +99,22 @@ def local_bytes(model: nn.Module) -> int:
     return model_bytes(model, local=True)
 
 
+def local_bytes_by_group(model: nn.Module) -> dict[str, int]:
+    """This rank's base parameter bytes per group (experts, attention, embeddings, ...): under FSDP2 each is ~1/N."""
+    from torch.distributed.tensor import DTensor
+
+    from finetune.moe.loading import group_of, is_adapter_tensor
+
+    groups: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        group = group_of(name.removeprefix("base_model.model."))
+        if group is None or is_adapter_tensor(name):
+            continue
+        local = param.to_local() if isinstance(param, DTensor) else param
+        groups[group] = groups.get(group, 0) + local.numel() * local.element_size()
+    return groups
+
+
 def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The trainable (adapter) weights gathered whole on rank 0; every rank must call it. None when not sharded."""
     if not is_sharded(model):

@@ -91,7 +91,7 @@ def _state_tensors(state) -> list[torch.Tensor]:
     return out
 
 
-def _is_adapter_tensor(name: str) -> bool:
+def is_adapter_tensor(name: str) -> bool:
     return ".lora_" in name or "modules_to_save." in name
 
 
@@ -114,7 +114,7 @@ def model_bytes(model: nn.Module, *, local: bool = False) -> int:
         if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is None:
             tensors += [(name, x) for x in _state_tensors(getattr(module, "quant_state", None))]
     for name, t in tensors:
-        if _is_adapter_tensor(name):
+        if is_adapter_tensor(name):
             continue
         if isinstance(t, DTensor):
             if not local:  # the whole parameter's size, without gathering it
@@ -130,7 +130,7 @@ def model_bytes(model: nn.Module, *, local: bool = False) -> int:
     return total
 
 
-def _group_of(name: str) -> str | None:
+def group_of(name: str) -> str | None:
     if ".self_attn." in name:
         return "attention"
     if ".experts." in name or name.endswith(".experts"):
@@ -150,7 +150,7 @@ def build_report(model: nn.Module, quantization: str) -> LoadReport:
     """Count logical parameters, quantised parameters and resident bytes per group of a loaded model."""
     groups = {g: {"params": 0, "quantized_params": 0, "bytes": 0} for g in GROUPS}
     for mod_name, module in model.named_modules():
-        if _is_adapter_tensor(mod_name + "."):
+        if is_adapter_tensor(mod_name + "."):
             continue
         if isinstance(module, QuantizedExperts):
             g = groups["experts"]
@@ -159,7 +159,7 @@ def build_report(model: nn.Module, quantization: str) -> LoadReport:
             g["bytes"] += sum(t.numel() * t.element_size() for t in module.parameters())
             continue
         for p_name, param in module.named_parameters(recurse=False):
-            group = _group_of(f"{mod_name}.{p_name}")
+            group = group_of(f"{mod_name}.{p_name}")
             if group is None:
                 continue
             # a 4-bit weight may be packed into a float `quant_storage` (for FSDP), so ask bitsandbytes, not the dtype
@@ -195,7 +195,7 @@ def verify_quantized(model: nn.Module, quantization: str) -> None:
             if not module.is_complete():
                 problems.append(f"{name} has unfilled expert slots: {', '.join(module.missing()[:8])}")
     for name, tensor in model.named_parameters():
-        if ".experts." in name and tensor.is_floating_point() and not _is_adapter_tensor(name):
+        if ".experts." in name and tensor.is_floating_point() and not is_adapter_tensor(name):
             problems.append(f"{name} is still {tensor.dtype} {tuple(tensor.shape)}")
     if problems:
         raise UserError(f"expert weights are not stored in {quantization} as the recipe asked", problems[:20])

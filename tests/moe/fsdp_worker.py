@@ -35,7 +35,7 @@ def main(model_dir: str, quantization: str, out: str) -> None:
         expert_alpha=4,
     )
     g = torch.Generator().manual_seed(0)  # the same LoRA on every rank
-    for name, param in sorted(model.named_parameters()):
+    for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if param.requires_grad:
             param.data = torch.randn(param.shape, generator=g) * 0.05
     model.train()

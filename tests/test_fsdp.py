@@ -1,0 +1,156 @@
+"""FSDP2 through accelerate (accelerate/cpu-fsdp2.yaml: two CPU processes over gloo) shards the 4-bit model.
+
+Each rank keeps about half of the base, the quantised experts included; the run trains the same adapter as one
+process with the same global batch (2 ranks x 1 row x 2 accumulation steps = 1 process x 2 rows x 2 steps), and the
+adapter, gathered whole on rank 0, is a standard PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
+CPU_FSDP2 = ROOT / "accelerate" / "cpu-fsdp2.yaml"
+STEPS = 4
+
+
+def _settings(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    settings = (
+        f"model.path={model_dir}",
+        f"output_dir={out}",
+        f"training.max_steps={STEPS}",
+        "training.logging_steps=1",
+        "training.gradient_accumulation_steps=2",
+        "data.eval_fraction=0",
+        *extra,
+    )
+    return [arg for s in settings for arg in ("--set", s)]
+
+
+def _run(args: list[str], *, launch: bool) -> subprocess.CompletedProcess:
+    prefix = (
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_FSDP2)]
+        if launch
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*prefix, "-m", "finetune.cli", "run", str(TINY), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _finished(result: subprocess.CompletedProcess, out: Path) -> dict:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("single") / "out"
+    result = _run(_settings(tiny_model_dir, out, "training.batch_size=2", "tracking.sample_prompts=0"), launch=False)
+    return out, _finished(result, out)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("fsdp") / "out"
+    result = _run(_settings(tiny_model_dir, out, "training.batch_size=1"), launch=True)
+    return out, _finished(result, out), result
+
+
+def test_every_rank_holds_half_of_the_4bit_base(single, sharded):
+    _, one = single
+    _, two, _ = sharded
+    assert two["world_size"] == 2 and two["quantization"] == "nf4"
+    assert two["model_bytes"] == one["model_bytes"]
+    assert two["model_bytes_per_rank"] <= 0.6 * one["model_bytes"]
+    whole, mine = one["model_bytes_per_rank_by_group"], two["model_bytes_per_rank_by_group"]
+    for group in ("experts", "attention", "embeddings", "lm_head"):  # the packed 4-bit experts themselves too
+        assert 0.4 * whole[group] <= mine[group] <= 0.6 * whole[group], group
+
+
+def test_sharded_run_trains_the_single_process_adapter(single, sharded):
+    (one_dir, one), (two_dir, two, _) = single, sharded
+    assert two["steps"] == one["steps"] == STEPS
+    ours = load_file(two_dir / "adapter" / "adapter_model.safetensors")
+    reference = load_file(one_dir / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == reference.keys()
+    assert any(".mlp.experts." in k for k in ours)
+    # Same rows per optimizer step; only the order of the gradient sums differs. Adam turns that into updates of
+    # up to ~lr on weights whose gradient is near zero, so compare the whole adapter (and the B factors, which start
+    # at zero and hold what was learned) by relative norm, and the loss at every step.
+    for part in ("lora_", "lora_B"):
+        keys = [k for k in reference if part in k]
+        diff = sum((ours[k].float() - reference[k].float()).square().sum() for k in keys).sqrt()
+        norm = sum(reference[k].float().square().sum() for k in keys).sqrt()
+        assert diff <= 0.03 * norm, (part, diff.item(), norm.item())
+    assert _losses(two_dir) == pytest.approx(_losses(one_dir), rel=1e-3)
+
+
+def _losses(out: Path) -> list[float]:
+    return [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+def test_sharded_run_writes_once_and_samples_on_every_rank(sharded):
+    out, _, result = sharded
+    assert result.stdout.count("done: ") == 1  # one end-of-run summary, from rank 0
+    assert (out / "samples.jsonl").read_text().strip()  # generation ran (all ranks in lockstep), rank 0 logged it
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for row in rows if "loss" in row) == STEPS  # one log line per step, not one per rank
+
+
+STOCK_PEFT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, sys.argv[2])
+    print(json.dumps({
+        "warnings": [str(w.message) for w in caught if "missing" in str(w.message).lower()
+                     or "unexpected" in str(w.message).lower()],
+        "lora_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" in n),
+    }))
+    """
+)
+
+
+def test_gathered_adapter_loads_in_stock_peft(sharded, tiny_model_dir):
+    out, _, _ = sharded
+    run = subprocess.run(
+        [sys.executable, "-c", STOCK_PEFT, str(tiny_model_dir), str(out / "adapter")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not result["warnings"]
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert result["lora_params"] == sum(t.numel() for k, t in saved.items() if "lora_" in k)
+
+
+def test_sixteen_bit_lora_is_sharded_too(tmp_path, tiny_model_dir):
+    """quantization: none, e.g. 16-bit LoRA of 8x7B spread over several 80 GB GPUs."""
+    out = tmp_path / "none"
+    args = _settings(tiny_model_dir, out, "training.batch_size=1", "model.quantization=none")
+    metrics = _finished(_run([*args, "--set", "training.max_steps=2"], launch=True), out)
+    assert metrics["quantized_fraction"] == 0 and metrics["world_size"] == 2
+    assert metrics["model_bytes_per_rank"] <= 0.6 * metrics["model_bytes"]
+    assert metrics["model_bytes_per_rank_by_group"]["experts"] > 0
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(".mlp.experts." in k and "lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
