@@ -21,6 +21,7 @@ import torch
 from finetune.errors import UserError
 from finetune.gpus import GIB, Gpu
 from finetune.plan_time import data_tokens, time_estimate
+from finetune.sharding import fsdp_launch
 
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/cuDNN workspaces on a Hopper card, as nvidia-smi shows them
 ALLOCATOR_SLACK = 0.08  # caching-allocator fragmentation, as a fraction of the peak allocated bytes
@@ -242,6 +243,17 @@ class Memory:
         return self.limit - self.total
 
 
+def gathered_bytes(report, num_layers: int, fsdp: int) -> dict[str, int]:
+    """What FSDP2 holds whole beside the shards: the decoder layer being computed plus the next one it prefetches,
+    and the lm_head unit, which accelerate keeps gathered from the end of the forward into the backward."""
+    per_layer = sum(report.groups[g]["bytes"] for g in ("attention", "experts", "router", "norms")) / num_layers
+    lm_head = report.groups["lm_head"]["bytes"]
+    return {
+        "base: 2 decoder layers gathered (FSDP2 unit + prefetch)": math.ceil(2 * per_layer * (fsdp - 1) / fsdp),
+        "base: lm_head gathered (FSDP2)": math.ceil(lm_head * (fsdp - 1) / fsdp),
+    }
+
+
 @dataclass
 class Planner:
     """Fixed facts of one recipe on one device kind; `memory(settings)` answers for any variation of the knobs."""
@@ -266,11 +278,13 @@ class Planner:
             lines["base: buffers (rotary)"] = other
         if fsdp > 1:
             lines = {f"{k} / {fsdp} (FSDP2)": math.ceil(v / fsdp) for k, v in lines.items()}
+            lines.update(gathered_bytes(report, self.config.num_hidden_layers, fsdp))
         n = lora_params(self.config, self.recipe.lora)
         per_param, _ = optimizer_bytes_per_param(s.optimizer)
-        lines["LoRA weights (fp32)"] = 4 * n
-        lines["LoRA gradients (fp32)"] = 4 * n
-        lines[f"optimizer ({s.optimizer})"] = int(per_param * n)
+        shard = f" / {fsdp} (FSDP2)" if fsdp > 1 else ""  # FSDP2 shards the adapter, its gradients and its state too
+        lines[f"LoRA weights (fp32){shard}"] = math.ceil(4 * n / fsdp)
+        lines[f"LoRA gradients (fp32){shard}"] = math.ceil(4 * n / fsdp)
+        lines[f"optimizer ({s.optimizer}){shard}"] = math.ceil(per_param * n / fsdp)
         triton = self.device == "cuda"
         acts = activation_bytes(self.config, s, b, self.recipe.lora, aux_loss=self.recipe.moe.aux_loss, triton=triton)
         lines.update({f"activations: {k}": v for k, v in acts.items()})
@@ -313,8 +327,8 @@ class Planner:
         if "8bit" not in s.optimizer:
             add("--set training.optimizer=paged_adamw_8bit", replace(s, optimizer="paged_adamw_8bit"))
         for n in FSDP_SIZES:
-            add(f"FSDP2 over {n} GPUs (accelerate launch, 4-bit base sharded)", replace(s, num_gpus=n), fsdp=n,
-                note="prediction: FSDP2 sharding of the quantised model is not implemented yet")  # fmt: skip
+            add(f"FSDP2 over {n} GPUs (--num-processes {n} --accelerate-config accelerate/fsdp2.yaml)",
+                replace(s, num_gpus=n), fsdp=n)  # fmt: skip
         return out
 
 
@@ -338,8 +352,8 @@ def make_plan(recipe, gpu: Gpu, *, num_gpus: int = 1, read_data: bool = True) ->
         "lora_params": lora_params(config, recipe.lora),
         "lines": mem.lines, "peak_allocated_bytes": mem.peak_allocated, "total_bytes": mem.total,
         "gpu_memory_bytes": gpu.memory_bytes, "fits": mem.fits, "headroom_bytes": mem.headroom,
-        "fsdp_note": "FSDP2 figures are predictions: base / N per GPU plus the unsharded rest; FSDP2 sharding of "
-                     "the quantised model is not implemented yet" if fsdp > 1 else None,
+        "fsdp_note": "FSDP2: the base, the adapter and its optimizer state / N per GPU, plus the layers gathered "
+                     "in flight; launch with accelerate/fsdp2.yaml" if fsdp > 1 else None,
         "suggestions": [] if mem.fits else planner.suggestions(s),
         "largest_max_length": planner.largest_max_length(s, fsdp),
         "time": time_estimate(config, s, gpu, tokens, t.num_epochs, t.max_steps),
@@ -405,8 +419,9 @@ def preflight(recipe, model_dir: Path, *, force: bool = False, echo=print) -> No
     index = int(os.environ.get("LOCAL_RANK", "0"))
     free, _ = torch.cuda.mem_get_info(index)
     planner = Planner(recipe, config, dtype, "cuda", free)
-    s = Settings.of(recipe)
-    mem = planner.memory(s)
+    fsdp = int(os.environ.get("WORLD_SIZE", "1")) if fsdp_launch() else 1  # under FSDP2 each GPU holds 1/N
+    s = Settings.of(recipe, fsdp)
+    mem = planner.memory(s, fsdp)
     if mem.total <= 1.1 * free or force:  # "clearly" = more than 10% over: the model is checked to within 20%
         echo(f"plan: about {mem.total / GIB:.1f} GiB of {free / GIB:.1f} GiB free on cuda:{index}")
         return

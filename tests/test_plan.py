@@ -99,7 +99,12 @@ def test_fsdp2_two_24gb_gpus_gives_per_gpu_figure_and_longest_length():
     assert two["total_bytes"] < one["total_bytes"]
     assert two["resident_bytes"] == one["resident_bytes"]  # the whole model; the per-GPU lines are halved
     assert any("/ 2 (FSDP2)" in k for k in two["lines"])
-    assert "not implemented" in two["fsdp_note"]
+    assert "accelerate/fsdp2.yaml" in two["fsdp_note"]
+    # beside its shards, a rank holds the layer in flight and the prefetched one: more than base / 2, under base
+    gathered = sum(v for k, v in two["lines"].items() if "gathered" in k)
+    assert 0 < gathered < two["resident_bytes"] / 8
+    base = sum(v for k, v in two["lines"].items() if k.startswith("base:"))
+    assert two["resident_bytes"] / 2 < base < 0.6 * two["resident_bytes"]
     longest = two["largest_max_length"]
     assert longest and longest % 256 == 0
     config, recipe = _read_config(MIXTRAL_CONFIG), mixtral_recipe()
