@@ -262,7 +262,7 @@ def load_model(
     """Load the base in the recipe's quantisation and attach LoRA; print what is quantised and what LoRA targets."""
     from finetune.moe.loading import load_mixtral
     from finetune.moe.lora import apply_lora, lora_summary
-    from finetune.sharding import quant_storage
+    from finetune.sharding import expert_staging_device, quant_storage
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -274,6 +274,7 @@ def load_model(
             device=device,
             double_quant=settings.double_quant,
             quant_storage=quant_storage(dtype),  # FSDP2 shards 4-bit attention only when packed in a float dtype
+            expert_device=expert_staging_device(device),  # under FSDP2 on GPUs: host memory until sharded
         )
     if settings.attn_implementation:
         base.set_attn_implementation(settings.attn_implementation)

@@ -353,7 +353,9 @@ def make_plan(recipe, gpu: Gpu, *, num_gpus: int = 1, read_data: bool = True) ->
         "lines": mem.lines, "peak_allocated_bytes": mem.peak_allocated, "total_bytes": mem.total,
         "gpu_memory_bytes": gpu.memory_bytes, "fits": mem.fits, "headroom_bytes": mem.headroom,
         "fsdp_note": "FSDP2: the base, the adapter and its optimizer state / N per GPU, plus the layers gathered "
-                     "in flight; launch with accelerate/fsdp2.yaml" if fsdp > 1 else None,
+                     "in flight; while loading, each rank stages the 4-bit experts in host memory "
+                     f"({report.groups['experts']['bytes'] / GIB:.1f} GiB per rank); launch with accelerate/fsdp2.yaml"
+                     if fsdp > 1 else None,
         "suggestions": [] if mem.fits else planner.suggestions(s),
         "largest_max_length": planner.largest_max_length(s, fsdp),
         "time": time_estimate(config, s, gpu, tokens, t.num_epochs, t.max_steps),

@@ -59,6 +59,14 @@ def quant_storage(dtype: torch.dtype) -> torch.dtype:
     return dtype if fsdp_launch() else torch.uint8
 
 
+def expert_staging_device(device: torch.device) -> torch.device | None:
+    """Where the quantised experts load under FSDP2 on GPUs: host memory. accelerate shards after loading, so loading
+    them onto the GPU would hold the whole 4-bit stack there first (22 GB for Mixtral-8x7B, the size of a 24 GB card);
+    from host memory FSDP2 moves each decoder layer's shard to the GPU as it shards that layer. The cost is host RAM:
+    each rank on a machine stages the whole expert stack once."""
+    return torch.device("cpu") if fsdp_launch() and device.type == "cuda" else None
+
+
 def cpu_fsdp_arguments(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """On CPU under an FSDP launch: configure accelerate's state as FSDP2 and return the trainer argument that uses it."""
     if not fsdp_launch() or device.type != "cpu":

@@ -334,7 +334,7 @@ def _quantized_linear(
 
 
 def _build_skeleton(
-    config: MixtralConfig, quantization: str, dtype, device, double_quant, blocksize, storage=torch.uint8
+    config: MixtralConfig, quantization, dtype, device, double_quant, blocksize, storage=torch.uint8, expert_device=None
 ):
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
@@ -345,7 +345,7 @@ def _build_skeleton(
             config.intermediate_size,
             quantization=quantization,
             dtype=dtype,
-            device=device,
+            device=expert_device or device,
             blocksize=blocksize,
             double_quant=double_quant,
             hidden_act=config.hidden_act,
@@ -391,12 +391,15 @@ def load_mixtral(
     blocksize: int = 64,
     num_layers: int | None = None,
     quant_storage: torch.dtype = torch.uint8,
+    expert_device: str | torch.device | None = None,
 ) -> tuple[MixtralForCausalLM, LoadReport]:
     """Load a local Mixtral checkpoint with its experts (and attention) quantised as each tensor streams in.
 
     `num_layers` keeps only the first decoder layers (a truncated model, for checks that cannot hold the whole one).
     `quant_storage` is the dtype the 4-bit attention weights are packed into: FSDP2 shards only floating-point
     `Params4bit` (accelerate leaves uint8 ones whole on every rank), so sharded runs pack them into the compute dtype.
+    `expert_device` stages the experts elsewhere (host memory, under FSDP2 on GPUs): FSDP2 then moves each layer's
+    shard to the GPU as it shards it, so no GPU ever holds the whole 4-bit expert stack.
     """
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}", [f"choose one of {', '.join(QUANTIZATIONS)}"])
@@ -410,7 +413,8 @@ def load_mixtral(
     files = shard_files(path)
     keys = [key for file in files for key in keys_of(file) if _layer_of(key) < config.num_hidden_layers]
 
-    model = _build_skeleton(config, quantization, dtype, device, double_quant, blocksize, quant_storage)
+    expert_device = torch.device(expert_device) if expert_device is not None else None
+    model = _build_skeleton(config, quantization, dtype, device, double_quant, blocksize, quant_storage, expert_device)
     _check_keys(keys, model, config)
     wanted = set(keys)
     layers = model.model.layers
