@@ -41,21 +41,60 @@ def run(
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in output_dir")] = False,
     force: Annotated[bool, typer.Option(help="Train even when `finetune plan` predicts the GPU is too small")] = False,
+    no_resume: Annotated[
+        bool, typer.Option("--no-resume", help="Delete output_dir's checkpoints and start over instead of resuming")
+    ] = False,
+    num_processes: Annotated[
+        int | None, typer.Option(help="Train on N processes: re-run this command under `accelerate launch`")
+    ] = None,
+    accelerate_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="accelerate config file for the launch (default: accelerate_config.yaml; CPU: accelerate/cpu-ddp.yaml)"
+        ),
+    ] = None,
 ) -> None:
-    """Train: load the model in the recipe's quantisation, attach LoRA, run TRL's trainer, save the adapter."""
+    """Train: load the model in the recipe's quantisation, attach LoRA, run TRL's trainer, save the adapter.
+
+    Rerun on an interrupted output_dir to resume from its newest checkpoint. SIGTERM/SIGINT save a checkpoint and
+    exit with 128 + the signal number (143, 130)."""
+    from finetune.interrupt import Interrupted
+
+    if num_processes is not None or accelerate_config is not None:
+        relaunch(recipe, set_ or [], num_processes, accelerate_config, overwrite=overwrite, resume=not no_resume)
     try:
         from finetune.recipe import load_recipe
         from finetune.train import run as run_recipe
 
         loaded = load_recipe(recipe, set_ or [])
-        metrics = run_recipe(loaded, overwrite=overwrite, force=force)
+        metrics = run_recipe(loaded, overwrite=overwrite, force=force, resume=not no_resume)
     except UserError as e:  # DataError is one too
         fail(e)
         return
+    except Interrupted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(e.exit_code) from None
     from finetune.console import summary_lines
+    from finetune.distributed import is_main_process
 
-    for line in summary_lines(metrics, loaded):
+    for line in summary_lines(metrics, loaded) if is_main_process() else []:  # one summary, from rank 0
         typer.echo(line)
+
+
+def relaunch(
+    recipe: Path, sets: list[str], num_processes: int | None, config: Path | None, *, overwrite: bool, resume: bool
+) -> None:
+    """Check the launch and the recipe once, here, then run this command again under `accelerate launch`."""
+    from finetune import launch
+    from finetune.preflight import check
+    from finetune.recipe import load_recipe
+
+    try:
+        command = launch.prepare(sys.argv[1:], num_processes, config)
+        check(load_recipe(recipe, sets), overwrite=overwrite, resume=resume)  # one error here, not one per rank
+    except UserError as e:
+        fail(e)
+    raise typer.Exit(launch.run(command, echo=typer.echo))
 
 
 @app.command()

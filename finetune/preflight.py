@@ -25,20 +25,25 @@ FINISHED_MARKERS = ("metrics.json", "adapter")
 AVAILABLE_METHODS = ("sft", "dpo", "kto")
 
 
-def check(recipe: Recipe, *, overwrite: bool = False) -> None:
+def check(recipe: Recipe, *, overwrite: bool = False, resume: bool = True) -> None:
     """Raise one UserError listing every problem `preflight` finds."""
-    problems = preflight(recipe, overwrite=overwrite)
+    problems = preflight(recipe, overwrite=overwrite, resume=resume)
     if problems:
         raise UserError(f"{len(problems)} problem(s) found before loading the model", problems)
 
 
-def preflight(recipe: Recipe, *, overwrite: bool = False) -> list[str]:
+def preflight(recipe: Recipe, *, overwrite: bool = False, resume: bool = True) -> list[str]:
     """Every problem that would stop `finetune run` before the weights load, one key-named line each."""
+    from finetune.checkpoints import resume_problems
+    from finetune.sharding import launch_problems
+
     problems = method_problems(recipe.method)
     problem = device_problem(recipe.model.device)
     if problem:
         problems.append(problem)
     problems += output_dir_problems(recipe.output_dir, overwrite=overwrite)
+    problems += resume_problems(recipe, resume=resume)  # a resume from a checkpoint of a different recipe
+    problems += launch_problems(recipe)  # what FSDP2 cannot shard, under an FSDP launch
     model_dir = local_model_dir(recipe.model.path)
     tokenizer = None
     if model_dir is not None:

@@ -141,7 +141,14 @@ class TrainingSettings(Strict):
         None, gt=0, le=MAX_STEPS, description="Evaluate every N steps (None = at the end only)"
     )
     save_steps: int | None = Field(
-        None, gt=0, le=MAX_STEPS, description="Checkpoint every N steps into checkpoints/ (None = off)"
+        None, gt=0, le=MAX_STEPS, description="Also checkpoint every N steps into checkpoints/ (None = by time only)"
+    )
+    save_minutes: float | None = Field(
+        30.0,
+        gt=0,
+        le=10**6,
+        description="Checkpoint when this many minutes have passed since the last save (None = by save_steps only); "
+        "a killed run resumes from the newest checkpoint",
     )
     save_total_limit: int | None = Field(2, gt=0, le=10**6, description="Keep at most this many checkpoints")
     extra: dict[str, Any] = Field(
@@ -437,6 +444,10 @@ OWNED_TRAINER_ARGS = {
     "max_length": "data.max_length",
     "router_aux_loss_coef": "moe.aux_loss_coef",
     "report_to": "tracking.backend",
+    "save_strategy": "training.save_steps or training.save_minutes",
+    "save_steps": "training.save_steps",
+    "save_total_limit": "training.save_total_limit",
+    "resume_from_checkpoint": "the automatic resume (run the same command again; --no-resume starts over)",
 }
 # ... and per method, the TRL arguments its section owns (every field of DpoSettings/KtoSettings bar init_adapter).
 METHOD_OWNED_ARGS = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,46 @@ from finetune.tiny import TinySpec, write_tiny_model
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The default tiny Mixtral (8 experts, top-2) with the real Mixtral v1 tokenizer."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-mixtral"), TinySpec())
+
+
+# The single-process reference for the multi-process runs (tests/test_distributed.py, tests/test_fsdp.py): the tiny
+# recipe for DISTRIBUTED_STEPS steps at batch 2 x accumulation 2, aux loss off (it depends on how rows are grouped
+# into micro-batches, the LM loss does not). Two ranks x batch 1 x accumulation 2 see the same rows per step.
+DISTRIBUTED_STEPS = 4
+
+
+def distributed_settings(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`--set` arguments shared by the single-process reference and the multi-process runs compared with it."""
+    settings = (
+        f"model.path={model_dir}",
+        f"output_dir={out}",
+        f"training.max_steps={DISTRIBUTED_STEPS}",
+        "training.logging_steps=1",
+        "training.gradient_accumulation_steps=2",
+        "data.eval_fraction=0",
+        "moe.aux_loss=false",
+        *extra,
+    )
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
+@pytest.fixture(scope="session")
+def reference_settings():
+    """`distributed_settings`, for the test files that compare a multi-process run with `single_process_run`."""
+    return distributed_settings
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """The output folder of the single-process reference run (see DISTRIBUTED_STEPS)."""
+    out = tmp_path_factory.mktemp("single") / "out"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-mixtral-sft.yaml"
+    args = distributed_settings(tiny_model_dir, out, "training.batch_size=2", "tracking.sample_prompts=0")
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "run", str(recipe), *args], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(autouse=True)

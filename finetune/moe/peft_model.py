@@ -52,6 +52,13 @@ class MixtralPeftModel(PeftModelForCausalLM):
                 alpha = pattern_value(peft_config.alpha_pattern, target, peft_config.lora_alpha)
                 layer.update_layer(adapter_name, r, alpha, use_rslora=peft_config.use_rslora)
 
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        """Loading into an adapter that exists (the Trainer resuming from a checkpoint) keeps its dtype: stock PEFT
+        upcasts it to fp32, so a QLoRA run that TRL trains in bf16 would resume in fp32 and end elsewhere."""
+        if adapter_name in self.peft_config:
+            kwargs["autocast_adapter_dtype"] = False
+        return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         for layer in _expert_layers(self):
