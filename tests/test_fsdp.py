@@ -7,6 +7,7 @@ adapter, gathered whole on rank 0, is a standard PEFT adapter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,17 +16,21 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from test_resume import assert_same_adapter, complete_checkpoint, finish, run, start, wait_for
+
+from finetune.checkpoints import MARKER, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
 CPU_FSDP2 = ROOT / "accelerate" / "cpu-fsdp2.yaml"
 STEPS = 4  # as conftest.DISTRIBUTED_STEPS
+SHARDED = ("training.batch_size=1", "training.save_steps=2")  # two ranks x 1 row x 2 accumulation steps
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_FSDP2)]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_FSDP2)]
     return subprocess.run(
-        [*launch, "-m", "finetune", "run", str(TINY), *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+        [*LAUNCH, "-m", "finetune", "run", str(TINY), *args], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
 
 
@@ -43,7 +48,7 @@ def single(single_process_run):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, tiny_model_dir, reference_settings):
     out = tmp_path_factory.mktemp("fsdp") / "out"
-    result = _run(reference_settings(tiny_model_dir, out, "training.batch_size=1"))
+    result = _run(reference_settings(tiny_model_dir, out, *SHARDED))
     return out, _finished(result, out), result
 
 
@@ -132,3 +137,40 @@ def test_sixteen_bit_lora_is_sharded_too(tmp_path, tiny_model_dir, reference_set
     assert metrics["model_bytes_per_rank_by_group"]["experts"] > 0
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(".mlp.experts." in k and "lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
+
+
+def test_sharded_checkpoints_are_complete_standard_adapters(sharded):
+    out, _, _ = sharded
+    found = scan(out)
+    assert [step for step, _ in found.complete] == [2, 4] and not found.incomplete
+    for _, folder in found.complete:  # gathered on rank 0: the adapter files directly, beside the optimizer state
+        names = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", MARKER} <= names
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it, as a cluster ends a job (torchrun starts its ranks in their
+    own sessions, so killing the launcher's process group would leave them training)."""
+    import psutil
+
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    finish(proc)
+
+
+def test_killed_sharded_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_model_dir, reference_settings, sharded):
+    """SIGKILL every process once checkpoint-2 is complete; the same command again ends where the uninterrupted
+    FSDP2 run ended (optimizer state, scheduler, RNG and data position restored across both ranks)."""
+    reference, _, _ = sharded
+    out = tmp_path / "killed"
+    args = ["run", str(TINY), *reference_settings(tiny_model_dir, out, *SHARDED)]
+    proc = start(args, LAUNCH)
+    wait_for(complete_checkpoint(out, 2), proc)
+    kill_all(proc)
+    code, output = run(args, LAUNCH)
+    assert code == 0, output[-3000:]
+    assert f"resuming from checkpoints/checkpoint-2 (step 2 of {STEPS})" in output
+    assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+    assert_same_adapter(reference / "adapter", out / "adapter")
