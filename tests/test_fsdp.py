@@ -174,3 +174,38 @@ def test_killed_sharded_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_
     assert f"resuming from checkpoints/checkpoint-2 (step 2 of {STEPS})" in output
     assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
     assert_same_adapter(reference / "adapter", out / "adapter")
+
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "false"}
+
+
+@pytest.mark.parametrize(
+    ("env", "settings", "message"),
+    [
+        ({}, ["model.quantization=int8"], "model.quantization: int8 cannot be sharded by FSDP2"),
+        ({"FSDP_VERSION": "1"}, [], "fsdp_version 1 is not supported; set fsdp_config.fsdp_version: 2"),
+        ({"FSDP_OFFLOAD_PARAMS": "true"}, [], "fsdp_offload_params with a 4-bit model is not supported"),
+    ],
+)
+def test_what_fsdp2_cannot_shard_is_refused_before_loading(monkeypatch, tmp_path, env, settings, message):
+    """Inside an FSDP launch (accelerate exports its config as FSDP_* variables), by `validate` as by `run`."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    for key, value in {**FSDP_ENV, **env}.items():
+        monkeypatch.setenv(key, value)
+    sets = [arg for s in (f"output_dir={tmp_path / 'out'}", *settings) for arg in ("--set", s)]
+    for command in ("validate", "run"):
+        result = CliRunner().invoke(app, [command, str(TINY), *sets])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_ddp_launch_accepts_int8(monkeypatch):
+    from finetune.recipe import load_recipe
+    from finetune.sharding import launch_problems
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert launch_problems(load_recipe(TINY, ["model.quantization=int8"])) == []
