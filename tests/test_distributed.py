@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -142,3 +143,33 @@ def test_two_machines_train_to_the_end_and_only_rank_0_writes(two_machines):
     checksums = metrics["adapter_checksum_by_rank"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sigterm_stops_every_rank_at_one_step_and_the_rerun_ends_with_the_ddp_adapter(
+    tmp_path, tiny_model_dir, reference_settings, ddp_run
+):
+    """SIGTERM to `finetune run --num-processes 2` reaches both ranks through accelerate; they agree on one step,
+    save one checkpoint and exit 143; the same command again resumes and ends with the uninterrupted DDP adapter."""
+    from test_resume import assert_same_adapter, finish, start, wait_for
+    from test_resume import run as run_resumable
+
+    from finetune.checkpoints import scan
+
+    reference, _, _ = ddp_run
+    out = tmp_path / "term"
+    args = ["run", str(TINY), *common(reference_settings, tiny_model_dir, out), *sets("training.batch_size=1")]
+    args += ["--num-processes", "2", "--accelerate-config", str(CPU_DDP.relative_to(ROOT))]
+    proc = start(args)
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and bool(train_rows(out)), proc)
+    proc.send_signal(signal.SIGTERM)  # the launcher only, as a scheduler or Ctrl-C would: it passes it on
+    code, output = finish(proc)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    stopped = scan(out).latest
+    assert stopped is not None and stopped[0] < STEPS, output[-3000:]
+    assert f"stopped by SIGTERM at step {stopped[0]} of {STEPS}" in output
+    assert not (out / "metrics.json").exists()
+
+    code, output = run_resumable(args)
+    assert code == 0, output[-3000:]
+    assert f"resuming from checkpoints/checkpoint-{stopped[0]} (step {stopped[0]} of {STEPS})" in output
+    assert_same_adapter(reference / "adapter", out / "adapter")
