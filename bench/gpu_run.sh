@@ -76,4 +76,13 @@ mkdir -p "$OUT"
 cd "$ROOT"
 "$PY" bench/gpu_check.py --variants ours --out "$OUT/gpu_check.json"
 "$PY" bench/plan_check.py --device cuda --shape real --seq 2048,4096 --dtype bfloat16 --steps 2 --out "$OUT/plan_check.json"
+# FSDP2's CUDA path on this one GPU: experts staged in host memory and moved by fully_shard, 4-bit attention packed
+# in bf16, bf16 mixed precision (the CPU tests cover the sharding itself; they cannot cover these moves)
+if "$PY" -m accelerate.commands.launch --config_file accelerate/fsdp2.yaml --num_processes 1 -m finetune run \
+    recipes/tiny-mixtral-sft.yaml --overwrite --set output_dir="$OUT/fsdp2_one_gpu" --set training.max_steps=4 \
+    --set data.eval_fraction=0 >"$OUT/fsdp2_one_gpu.log" 2>&1; then
+  echo "fsdp2 on one GPU: trained, see $OUT/fsdp2_one_gpu/metrics.json"
+else
+  echo "fsdp2 on one GPU: FAILED, see $OUT/fsdp2_one_gpu.log"
+fi
 echo "wrote $OUT/gpu_check.json (tokens/s, MFU) and $OUT/plan_check.json (predicted vs measured peak)"

@@ -28,6 +28,7 @@ CHECKPOINTS = "checkpoints"
 STAGING = ".partial"
 MARKER = "COMPLETE"
 RECIPE = "recipe.yaml"
+TRAINING_ARGS = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
 NAME = re.compile(r"checkpoint-(\d+)")
 
 # Recipe keys a resume may change: they do not change the trained result (a longer run is the user's intent).
@@ -145,6 +146,9 @@ def publish(staged: Path, step: int, recipe_text: str, world_size: int = 1) -> P
     """Make a fully written staged checkpoint visible: recipe in, fsync, rename, then the COMPLETE marker last."""
     root = staged.parent.parent
     (staged / RECIPE).write_text(recipe_text, encoding="utf-8")
+    # the Trainer's pickled TrainingArguments carries secrets given through training.extra (hub_token, ...) in clear;
+    # resume never reads it, and the scrubbed recipe beside it is the run's whole configuration
+    (staged / TRAINING_ARGS).unlink(missing_ok=True)
     for path in staged.rglob("*"):
         if path.is_file():
             _fsync(path)

@@ -140,3 +140,20 @@ def save_gathered_adapter(model: nn.Module, output_dir: Path, main_process: bool
     state = full_adapter_state(model)  # a collective: all ranks take part
     if main_process:
         save_adapter(model, output_dir, state_dict=state)
+
+
+class GatheredAdapterSave:
+    """Trainer mixin: under FSDP2 a checkpoint gathers the adapter alone. The Trainer's own FSDP save gathers the whole
+    model onto rank 0's host memory (for Mixtral-8x7B, the 24 GB 4-bit base) only to keep the adapter from it."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not is_sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        from finetune.moe.lora import save_adapter
+
+        output_dir = output_dir or self.args.output_dir
+        state = full_adapter_state(self.model)  # a collective: every rank is here
+        if self.args.should_save:
+            save_adapter(self.model, output_dir, state_dict=state)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)

@@ -146,6 +146,10 @@ def test_sharded_checkpoints_are_complete_standard_adapters(sharded):
     for _, folder in found.complete:  # gathered on rank 0: the adapter files directly, beside the optimizer state
         names = {p.name for p in folder.iterdir()}
         assert {"adapter_config.json", "adapter_model.safetensors", MARKER} <= names
+    # the last checkpoint (step 4, the last step) holds exactly the adapter the run ended with: gathered alone, whole
+    last = load_file(found.complete[-1][1] / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert last.keys() == final.keys() and all(last[k].equal(final[k]) for k in final)
 
 
 def kill_all(proc: subprocess.Popen) -> None:

@@ -35,10 +35,12 @@ def build_trainer(
     trainer_cls, config_cls, config_arguments: dict[str, Any], model, tokenizer, prepared, args, callbacks
 ):
     """TRL's DPO/KTO trainer taking data_tools' ids as they are: TRL 1.16 always re-tokenises in `_prepare_dataset`
-    with the chat template, which is not mistral-common's format, so that one method is replaced."""
+    with the chat template, which is not mistral-common's format, so that one method is replaced (and FSDP2
+    checkpoints gather only the adapter, `GatheredAdapterSave`)."""
     from data_tools.preference import trl_ready
+    from finetune.sharding import GatheredAdapterSave
 
-    class Pretokenized(trainer_cls):
+    class Pretokenized(GatheredAdapterSave, trainer_cls):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return trl_ready(dataset, args)
 

@@ -10,7 +10,12 @@ SUMMARY_KEYS = ("mean_token_accuracy", "entropy")
 def build_trainer(recipe, model, tokenizer, prepared, args: dict[str, Any], callbacks: list):
     from trl import SFTConfig, SFTTrainer
 
-    return SFTTrainer(
+    from finetune.sharding import GatheredAdapterSave
+
+    class Trainer(GatheredAdapterSave, SFTTrainer):
+        """SFTTrainer whose FSDP2 checkpoints gather only the adapter."""
+
+    return Trainer(
         model=model,
         args=SFTConfig(**args),
         train_dataset=prepared.train,
