@@ -149,11 +149,7 @@ class GatheredAdapterSave:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not is_sharded(self.model):
             return super().save_model(output_dir, _internal_call)
-        from finetune.moe.lora import save_adapter
-
         output_dir = output_dir or self.args.output_dir
-        state = full_adapter_state(self.model)  # a collective: every rank is here
-        if self.args.should_save:
-            save_adapter(self.model, output_dir, state_dict=state)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+        save_gathered_adapter(self.model, Path(output_dir), self.args.should_save)  # every rank is here
+        if self.args.should_save and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
