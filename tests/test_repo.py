@@ -34,3 +34,31 @@ def test_ruff_is_clean():
     ):
         out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_silently_incorrect_autograd_warning_fails_the_suite():
+    """PyTorch reports wrong gradients as a UserWarning; the suite's filters make it an error, not noise."""
+    import warnings
+
+    import pytest
+
+    message = (
+        "aten::foo: an autograd kernel was not registered to the Autograd key(s) but we are trying to backprop "
+        "through it. This may lead to silently incorrect behavior."
+    )
+    with pytest.raises(UserWarning, match="silently incorrect"):
+        warnings.warn(message, UserWarning, stacklevel=1)
+
+
+def test_suite_filters_no_warning_category_wholesale():
+    """Only named warnings may be ignored: a blanket UserWarning/FutureWarning filter would hide the one above."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pytest itself depends on tomli there
+        import tomli as tomllib
+
+    filters = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    for entry in filters:
+        action, message, category = ([*entry.split(":"), "", ""])[:3]
+        if action == "ignore" and category in ("UserWarning", "FutureWarning", "RuntimeWarning"):
+            assert message, f"{entry!r} ignores every {category}; name the message instead"
