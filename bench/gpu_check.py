@@ -7,14 +7,15 @@ variant in its own subprocess at sequence length 4096 (batch 1, gradient checkpo
   stock    (a) from_pretrained(BitsAndBytesConfig 4-bit) + PEFT target_parameters; experts stay bf16
   dequant  (b) (a) + bitsandbytes replace_parameter_4bit on the experts + PEFT made to match (see variants.py)
 
-MFU = tokens/s * 4 * active params per token / peak bf16 FLOP/s. Active params per token: per layer the attention
-projections, the router and top-k experts' three projections, plus lm_head; the embedding (a lookup) is excluded, and
-so are attention-score FLOPs and the gradient-checkpointing recompute (so MFU understates the hardware's work).
+MFU = tokens/s * 4 * active params per token / peak bf16 FLOP/s (the GPU's entry in finetune's GPU table). Active
+params per token: per layer the attention projections, the router and top-k experts' three projections, plus lm_head;
+the embedding (a lookup) is excluded, and so are attention-score FLOPs and the gradient-checkpointing recompute (so MFU understates the hardware's work).
 4 = 2 (forward) + 2 (backward through frozen weights to the inputs); LoRA's own FLOPs are negligible.
 
     python bench/gpu_check.py                 # on the GPU machine; under five minutes
     python bench/gpu_check.py --cpu-smoke     # the same code path on CPU with tiny dims
-Writes $OUT/gpu_check.json when OUT is set, else bench/results/gpu_check.json.
+Writes $OUT/gpu_check.json when OUT is set, else bench/results/gpu_check.json; after every variant, so a run cut
+short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, fmt_bytes, fmt_rate, fmt_ratio, markdown_table, write_json
 from bench_moe import LABELS, QUICK_SHAPE, Shape, spawn_variant, write_model
+from gpu_env import gpu_peak
 
 REAL_SHAPE = Shape(hidden=4096, ffn=14336, layers=2, experts=8, top_k=2, heads=32, kv_heads=8, vocab=32000)
 VARIANTS = ["ours", "stock", "dequant"]
@@ -43,7 +45,8 @@ def default_out() -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak (default: the GPU's entry in finetune's GPU table, else 989, H100/H200 SXM)")  # fmt: skip
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant (plus one warm-up)")
     p.add_argument("--layers", type=int, default=REAL_SHAPE.layers)
@@ -66,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU: skipping", flush=True)
         return 0
     started = time.perf_counter()
-    print(f"shape {asdict(shape)}; seq {seq}; device {device}", flush=True)
+    table = None
+    if device == "cuda":
+        table = gpu_peak(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
+    if args.peak_tflops is None:
+        args.peak_tflops = table["bf16_tflops"] if table else 989.0
+    out = args.out or default_out()
+    print(f"shape {asdict(shape)}; seq {seq}; device {device}; peak {args.peak_tflops} TFLOP/s ({table})", flush=True)
     model_dir = write_model(args.work_dir, shape, device=device, max_shard_size="2GB")
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -77,17 +86,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     flops_per_token = 4 * shape.active_params_per_token()
     results = []
+    payload = {
+        "shape": asdict(shape),
+        "settings": {"run": vars(run_args), "cli": vars(args)},
+        "active_params_per_token": shape.active_params_per_token(),
+        "flops_per_token": flops_per_token,
+        "peak_tflops": args.peak_tflops,
+        "gpu_table_entry": table,
+        "environment": environment(),
+        "results": results,
+    }
+    write_json(out, payload)  # the checkpoint is written: what follows is per variant
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         left = args.budget - (time.perf_counter() - started)
         if left < 30:
             results.append({"variant": variant, "label": LABELS[variant], "status": "error", "reason": "out of budget"})
             print(f"-- {variant}: skipped, {left:.0f}s of the budget left", flush=True)
+            write_json(out, payload)
             continue
         for result in spawn_variant(variant, model_dir, run_args, min(args.variant_timeout, left)):
             if result.get("tokens_per_s"):
                 result["mfu"] = result["tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12)
             results.append(result)
             print(f"-- {result['variant']}: {result['status']} at {time.perf_counter() - started:.0f}s", flush=True)
+        payload["total_s"] = time.perf_counter() - started
+        write_json(out, payload)
 
     ours = next((r for r in results if r["variant"] == "ours" and r["status"] == "ok"), {})
     rows = []
@@ -109,17 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         f"active params, embeddings excluded) / {args.peak_tflops:.0f} TFLOP/s. Ratios against ours.",
         flush=True,
     )
-    payload = {
-        "shape": asdict(shape),
-        "settings": {"run": vars(run_args), "cli": vars(args)},
-        "active_params_per_token": shape.active_params_per_token(),
-        "flops_per_token": flops_per_token,
-        "environment": environment(),
-        "total_s": time.perf_counter() - started,
-        "results": results,
-    }
-    print(f"wrote {write_json(args.out or default_out(), payload)}", flush=True)
-    return 0
+    payload["total_s"] = time.perf_counter() - started
+    print(f"wrote {write_json(out, payload)}", flush=True)
+    return 1 if any(r["status"] == "error" for r in results) else 0
 
 
 if __name__ == "__main__":

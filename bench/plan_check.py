@@ -8,7 +8,8 @@ own trainer arguments on random full-length rows. Measured:
 
     python bench/plan_check.py                            # CPU, small Mixtral shape, 4 settings (~1-2 min, 2 cores)
     python bench/plan_check.py --device cuda --shape real --seq 2048,4096   # on a GPU: 2 layers at real dims
-Writes $OUT/plan_check.json when OUT is set, else bench/results/plan_check.json.
+Writes $OUT/plan_check.json when OUT is set, else bench/results/plan_check.json, after every setting (so a run cut
+short keeps what it measured). Each setting runs at most --timeout seconds, and none starts after --budget.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import Shape, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 SHAPES = {
     "test": Shape(hidden=512, ffn=1792, layers=2, experts=8, top_k=2, heads=8, kv_heads=2, vocab=8000),
     "cpu": Shape(hidden=512, ffn=1792, layers=4, experts=8, top_k=2, heads=8, kv_heads=2, vocab=8000),
@@ -112,22 +115,46 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def run_settings(model_dir: Path, settings: list[tuple[int, bool]], *, dtype: str, device: str, steps: int,
-                 optimizer: str, timeout: float = 600, parallel: int = 1) -> list[dict]:  # fmt: skip
-    """Each (seq, grad_ckpt) in a fresh subprocess (`parallel` at once: RSS is per process); returns their results."""
+                 optimizer: str, timeout: float = 600, parallel: int = 1, budget: float | None = None,
+                 on_result=None, raise_on_error: bool = True) -> list[dict]:  # fmt: skip
+    """Each (seq, grad_ckpt) in a fresh subprocess (`parallel` at once: RSS is per process); returns their results.
+
+    Each setting runs at most `timeout` seconds; none starts after `budget` seconds. `on_result` sees the results so
+    far after every setting (main writes the JSON there). A failed, timed-out or skipped setting raises, or with
+    `raise_on_error=False` becomes a row with status "error" and its reason."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(setting: tuple[int, bool]) -> dict:
-        seq, ckpt = setting
+    started = time.perf_counter()
+    results: list[dict | None] = [None] * len(settings)
+
+    def one(index: int) -> dict:
+        seq, ckpt = settings[index]
+        row = {"seq": seq, "grad_ckpt": ckpt, "status": "error"}
+        left = timeout if budget is None else min(timeout, budget - (time.perf_counter() - started))
         cmd = [sys.executable, __file__, "--one", "--model-dir", str(model_dir), "--seq", str(seq), "--dtype", dtype,
                "--device", device, "--steps", str(steps), "--optimizer", optimizer] + (["--grad-ckpt"] if ckpt else [])  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
-        if proc.returncode or line is None:
-            raise RuntimeError(f"plan_check setting seq={seq} ckpt={ckpt} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(line)
+        if left < 10:
+            row["reason"] = f"skipped: {max(left, 0):.0f}s of the {budget:.0f}s budget left"
+        else:
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left, cwd=ROOT)
+                line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
+                if proc.returncode or line is None:
+                    row["reason"] = f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+                else:
+                    row = {**json.loads(line), "status": "ok"}
+            except subprocess.TimeoutExpired:
+                row["reason"] = f"timed out after {left:.0f}s"
+        row["wall_s"] = round(time.perf_counter() - started, 1)
+        if row["status"] != "ok" and raise_on_error:
+            raise RuntimeError(f"plan_check setting seq={seq} ckpt={ckpt} failed: {row['reason']}")
+        results[index] = row
+        if on_result is not None:
+            on_result([r for r in results if r is not None])
+        return row
 
     with ThreadPoolExecutor(max(1, parallel)) as pool:
-        return list(pool.map(one, settings))
+        return list(pool.map(one, range(len(settings))))
 
 
 def table(results: list[dict]) -> str:
@@ -136,6 +163,9 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in results:
+        if r.get("status", "ok") != "ok":
+            rows.append(f"| {r['seq']} | {'on' if r['grad_ckpt'] else 'off'} | error: {r['reason'][:100]} | | | |")
+            continue
         rows.append(f"| {r['seq']} | {'on' if r['grad_ckpt'] else 'off'} | {r['dtype']} | "
                     f"{r['predicted_bytes'] / 2**20:,.0f} MiB | {r['measured_bytes'] / 2**20:,.0f} MiB | {r['ratio']:.2f} |")  # fmt: skip
     return "\n".join(rows)
@@ -149,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--seq", default="512,1024")
     p.add_argument("--grad-ckpt", action="store_true", help="with --one: checkpointing on")
+    p.add_argument("--checkpointing", choices=["both", "on", "off"], default="both", help="settings per max_length")
+    p.add_argument("--tokenizer", type=Path, help="copy the tokenizer files from this folder (default: convert)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per setting")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all settings: none starts after it")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=2)
@@ -161,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         args.seq = int(args.seq)
         print(json.dumps(measure(args)), flush=True)
         return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("plan_check: --device cuda, but no CUDA device here", file=sys.stderr)
+            return 2
     from _common import environment, write_json
 
     from finetune.tiny import write_tokenizer
@@ -168,17 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     shape = (
         SHAPES[args.shape] if args.layers is None else Shape(**{**asdict(SHAPES[args.shape]), "layers": args.layers})
     )
+    started = time.perf_counter()
     model_dir = write_model(args.work_dir, shape, device="cuda" if args.device == "cuda" else "cpu")
     if not (model_dir / "tokenizer.json").exists():
-        write_tokenizer(model_dir)
-    settings = [(int(s), ckpt) for s in args.seq.split(",") for ckpt in (False, True)]
-    results = run_settings(model_dir, settings, dtype=args.dtype, device=args.device, steps=args.steps,
-                           optimizer=args.optimizer, parallel=args.parallel)  # fmt: skip
-    print(table(results), flush=True)
+        if args.tokenizer is not None:
+            for name in TOKENIZER_FILES:
+                if (args.tokenizer / name).exists():
+                    shutil.copyfile(args.tokenizer / name, model_dir / name)
+        else:
+            write_tokenizer(model_dir)
+    ckpts = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+    settings = [(int(s), ckpt) for s in args.seq.split(",") for ckpt in ckpts]
     out = args.out or (Path(os.environ["OUT"]) / "plan_check.json" if os.environ.get("OUT") else
                        ROOT / "bench" / "results" / "plan_check.json")  # fmt: skip
-    print(f"wrote {write_json(out, {'shape': asdict(shape), 'environment': environment(), 'results': results})}")
-    return 0
+    cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"shape": asdict(shape), "environment": environment(), "settings": cli, "results": []}
+
+    def save(results: list[dict]) -> None:
+        payload["results"], payload["total_s"] = results, round(time.perf_counter() - started, 1)
+        write_json(out, payload)
+
+    save([])
+    budget = None if args.budget is None else args.budget - (time.perf_counter() - started)
+    results = run_settings(model_dir, settings, dtype=args.dtype, device=args.device, steps=args.steps,
+                           optimizer=args.optimizer, parallel=args.parallel, timeout=args.timeout, budget=budget,
+                           on_result=save, raise_on_error=False)  # fmt: skip
+    save(results)
+    print(table(results), flush=True)
+    print(f"wrote {out}")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
 if __name__ == "__main__":

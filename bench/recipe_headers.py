@@ -39,8 +39,11 @@ def block(recipe_path: Path) -> list[str]:
         BEGIN,
         f"#   resident {big['quantization']} base {_gib(big['resident_bytes'])}; predicted peak {_gib(big['total_bytes'])} "
         f"per GPU at max_length {s['max_length']}, batch {s['batch_size']} -> {verdict} on one 80 GB card",
-        f"#   one 24 GB card: {_gib(small['total_bytes'])}, does not fit; 2 x 24 GB with FSDP2 (accelerate/fsdp2.yaml): "
+        f"#   one 24 GB card: {_gib(small['total_bytes'])}, does not fit; 2 x 24 GB with FSDP2 (accelerate/fsdp2.yaml"
+        f"{', training.optimizer=' + pair['settings']['optimizer'] if pair['optimizer_note'] else ''}): "
         f"{_gib(pair['total_bytes'])} per GPU, {pair_verdict}, longest max_length {pair['largest_max_length']}",
+        f"#   host RAM while loading: {_gib(pair['host_ram']['per_machine_bytes'])} per machine with 2 GPUs "
+        "(each rank loads only its own experts, onto its GPU)",
         f"#   time: {t['flops_per_token'] / 1e9:.0f} GFLOP/token, ~{t['tokens_per_second']:,.0f} tokens/s on one H100 "
         f"at {t['hfu_source'].split(' (')[0]} utilisation",
         f"#   reproduce: finetune plan {recipe_path.relative_to(ROOT)} --set model.path={CONFIG.relative_to(ROOT)} --gpu H100",

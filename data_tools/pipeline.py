@@ -325,3 +325,53 @@ def check_data_kind(cfg: DataConfig, method: str) -> list[str]:
                 f"{NEEDS[method]}; {SUGGEST[kind]}"
             )
     return problems
+
+
+RECORD_LINES_SHOWN = 50  # bad records listed by `check_records`; `finetune data validate FILE` lists every one
+
+
+def check_records(cfg: DataConfig, method: str) -> list[str]:
+    """Every local record read and checked by the loader `prepare_data` uses for the method: one `FILE:LINE: reason`
+    line per bad record (the first RECORD_LINES_SHOWN, then a count) under one problem, or [] when `run` would take
+    the data.
+
+    With `skip_invalid` bad records are no problem unless no training record is left. Hub ids are left to the run
+    (offline); a source that cannot be read at all is one line. Reads every record: `finetune validate
+    --no-data-check` skips it for very large data.
+    """
+    from data_tools.io import resolve_path
+    from data_tools.preference import load_for
+
+    if method not in ACCEPTED_KINDS:
+        return []
+    sources = [(f"data.train[{i}]", s) for i, s in enumerate(cfg.train)]
+    if cfg.eval is not None:
+        sources.append(("data.eval", cfg.eval))
+    bad, problems, valid = [], [], 0
+    for key, src in sources:
+        try:
+            if resolve_path(src.path) is None:
+                valid += 1  # a hub dataset: not read here, assumed to hold records
+                continue
+            if method == "sft":
+                loaded = load_source(src.path, src.format, src.split, kind="conversation")
+            else:
+                loaded = load_for(src, method, Counter())
+        except DataError as e:
+            problems.append(f"{key}: {e.message}")
+            continue
+        bad += [line for _, line in loaded.problems]
+        valid += len(loaded.records) if key != "data.eval" else 0
+    if bad and cfg.skip_invalid and not valid and not problems:
+        problems.append(listed(f"data.train: every record is invalid ({len(bad)}), so none is left to train on", bad))
+    if bad and not cfg.skip_invalid:
+        head = f"data: {len(bad)} invalid record(s); fix them, or set data.skip_invalid: true to skip and count them"
+        problems.append(listed(head, bad))
+    return problems
+
+
+def listed(head: str, lines: list[str], shown: int = RECORD_LINES_SHOWN) -> str:
+    """One problem: its head, then the first `shown` record lines indented under it (UserError prints `  - head`)."""
+    more = [f"... and {len(lines) - shown} more; `finetune data validate FILE` lists every one"]
+    more = more if len(lines) > shown else []
+    return "\n".join([head, *(f"      {line}" for line in [*lines[:shown], *more])])

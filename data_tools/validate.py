@@ -138,7 +138,7 @@ def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = 
     """Read, convert and validate one source. kind: `conversation` (SFT), `preference` (DPO), `unpaired` (KTO) or
     `auto` (the format's own)."""
     # progress bars appear only when reading or checking takes more than two seconds
-    raw = list(tqdm(read_records(path, split), desc=f"Reading {path}", unit=" records", delay=2))
+    raw = list(tqdm(read_records(path, split), desc=f"Reading {path}", unit=" records", delay=2, disable=None))
     fmt, origin = source_format(raw, fmt, path)
     if kind == "auto":
         kind = data_kind(fmt)
@@ -158,7 +158,7 @@ def load_source(path: str, fmt: str = "auto", split: str = "train", kind: str = 
             "use it with method: kto"
         )
     loaded = Loaded(format=fmt)
-    for r in tqdm(raw, desc=f"Validating {path}", unit=" records", delay=2):
+    for r in tqdm(raw, desc=f"Validating {path}", unit=" records", delay=2, disable=None):  # None: not when piped
         if r.error is not None:
             loaded.problems.append(("invalid_json", f"{r.where}: {r.error}"))
             continue
@@ -192,3 +192,30 @@ def raise_or_report(loaded: Loaded, skip_invalid: bool, echo=print) -> None:
         )
     summary = ", ".join(f"{REASON_TEXT.get(k, k)}: {v}" for k, v in sorted(loaded.counts.items()))
     echo(f"skipped {len(loaded.problems)} invalid record(s) ({summary}); first: {loaded.problems[0][1]}")
+
+
+SHOWN_PROBLEMS = 20  # bad records named by the commands that inspect data; `finetune data validate` names all
+
+
+def invalid_lines(loaded: Loaded, shown: int = SHOWN_PROBLEMS) -> list[str]:
+    """The first `shown` `FILE:LINE: reason` lines, then how many more there are and where to see them."""
+    lines = [line for _, line in loaded.problems[:shown]]
+    if len(loaded.problems) > shown:
+        lines.append(f"... and {len(loaded.problems) - shown} more (`finetune data validate FILE` lists every one)")
+    return lines
+
+
+def skip_or_refuse(loaded: Loaded, strict: bool, echo=print) -> None:
+    """For the commands that inspect a file (preview, stats): name the bad records and go on with the good ones, or
+    with `strict` refuse the file. Either way the hint is a flag of the command, not a recipe key."""
+    if not loaded.problems:
+        return
+    n = len(loaded.problems)
+    if strict:
+        raise DataError(f"{n} invalid record(s); fix them, or leave out --strict to skip them", invalid_lines(loaded))
+    if not loaded.records:
+        raise DataError(f"every record is invalid ({n}); nothing to show", invalid_lines(loaded))
+    summary = ", ".join(f"{REASON_TEXT.get(k, k)}: {v}" for k, v in sorted(loaded.counts.items()))
+    echo(f"warning: skipped {n} invalid record(s) ({summary}); going on with the {len(loaded.records)} valid ones:")
+    for line in invalid_lines(loaded):
+        echo(f"  {line}")

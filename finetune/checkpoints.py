@@ -5,7 +5,8 @@ is not one (GUIDE: atomic saving was added to transformers and reverted twice). 
 `checkpoints/.partial/checkpoint-N`; once every rank has finished, rank 0 adds the resolved recipe, fsyncs, renames
 the folder to `checkpoints/checkpoint-N` and writes the `COMPLETE` marker last. Only folders with a marker naming
 their own step are checkpoints; everything else is skipped with a warning and cleaned away. Rotation
-(`training.save_total_limit`) is ours too, among complete checkpoints only.
+(`training.save_total_limit`) is ours too, among complete checkpoints only. The finished run's adapter/ and
+metrics.json are published the same way (`publish_run`).
 
 Pure file logic, no torch: `preflight` imports it, and the tests drive it on plain folders.
 """
@@ -41,6 +42,7 @@ RESUMABLE_KEYS = (
     "training.save_minutes",
     "training.save_total_limit",
     "tracking",
+    "evaluation",  # what is measured after training, not what training computes
     "output_dir",
 )
 
@@ -167,6 +169,38 @@ def publish(staged: Path, step: int, recipe_text: str, world_size: int = 1) -> P
     _fsync(final)
     _fsync(root)
     return final
+
+
+ADAPTER_STAGING = ".adapter.partial"
+
+
+def adapter_staging(output_dir: str | Path, *, clear: bool) -> Path:
+    """Where a finished run writes its adapter before `publish_run` renames it to adapter/; `clear` (rank 0 only)
+    removes what a run killed while writing it left there."""
+    staged = Path(output_dir).expanduser() / ADAPTER_STAGING
+    if clear:
+        shutil.rmtree(staged, ignore_errors=True)
+    return staged
+
+
+def publish_run(staged_adapter: Path, output_dir: str | Path, metrics_text: str) -> None:
+    """Make a finished run visible: everything fsynced, then adapter/ by one rename and metrics.json by another.
+
+    A kill before the first rename leaves no finished-run marker, so the same command resumes from the newest
+    checkpoint; a SIGTERM between the renames waits for both (`interrupt.StopOnSignal.deferring_exit`)."""
+    output_dir = Path(output_dir).expanduser()
+    metrics_tmp = output_dir / ".metrics.json.tmp"
+    metrics_tmp.write_text(metrics_text, encoding="utf-8")
+    for path in [*staged_adapter.rglob("*"), metrics_tmp]:
+        if path.is_file():
+            _fsync(path)
+    _fsync(staged_adapter)
+    final = output_dir / "adapter"
+    if final.exists():  # not expected: a finished run is refused, or cleared by --overwrite, before loading
+        shutil.rmtree(final)
+    os.replace(staged_adapter, final)
+    os.replace(metrics_tmp, output_dir / "metrics.json")
+    _fsync(output_dir)
 
 
 def rotate(output_dir: str | Path, limit: int | None) -> list[Path]:

@@ -30,8 +30,11 @@ SetOption = Annotated[
 
 
 def fail(error: Exception) -> None:
-    """Print a user error to stderr and exit 2."""
-    typer.echo(f"error: {error}", err=True)
+    """Print a user error to stderr and exit 2 (in a rank of `--num-processes`, the launching process prints it)."""
+    from finetune.launch import report_to_launcher
+
+    if not report_to_launcher(error):
+        typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)
 
 
@@ -103,10 +106,20 @@ def validate(
     set_: SetOption = None,
     explain: Annotated[bool, typer.Option("--explain", help="Describe every recipe key")] = False,
     overwrite: Annotated[bool, typer.Option(help="As for run: accept an output_dir holding a finished run")] = False,
+    data_check: Annotated[
+        bool,
+        typer.Option(
+            "--data-check/--no-data-check",
+            help="Read and check every local data record as run does (bad ones as FILE:LINE); --no-data-check skips "
+            "that for very large data (the file checks still run)",
+        ),
+    ] = True,
 ) -> None:
-    """Check a recipe completely (no model or data is loaded) and print it with every default resolved."""
+    """Check a recipe completely (no model is loaded; every data record is read) and print it with every default
+    resolved, also when the recipe is refused."""
     from finetune.preflight import check
     from finetune.recipe import Recipe, dump_recipe, load_recipe
+    from finetune.recipe_file import run_length_notes
 
     if explain:
         from finetune.console import print_explain
@@ -114,11 +127,17 @@ def validate(
         print_explain(Recipe)  # fits the terminal's width
     try:
         loaded = load_recipe(recipe, set_ or [])
-        check(loaded, overwrite=overwrite)  # the refusals `run` makes before loading, from the same place
-    except UserError as e:  # DataError is one too
+    except UserError as e:
         fail(e)
         return
-    typer.echo(dump_recipe(loaded), nl=False)
+    try:
+        check(loaded, overwrite=overwrite, records=data_check)  # the refusals `run` makes, from the same place
+    except UserError as e:  # DataError is one too
+        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"# {recipe}: refused (see the error); the recipe as resolved:")  # still worth reading
+        typer.echo(run_length_notes(dump_recipe(loaded), loaded.training), nl=False)
+        raise typer.Exit(2) from None
+    typer.echo(run_length_notes(dump_recipe(loaded), loaded.training), nl=False)  # what sets the run's length
     typer.echo(f"# {recipe}: valid", err=True)
 
 
@@ -126,23 +145,27 @@ def validate(
 def plan(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
     set_: SetOption = None,
-    gpu: Annotated[str | None, typer.Option(help="GPU from the table, e.g. H100, A100-40, RTX4090, L40S")] = None,
-    gpu_memory: Annotated[str | None, typer.Option(help="Memory per GPU instead of --gpu, e.g. 24GB")] = None,
+    gpu: Annotated[
+        str | None, typer.Option(help="GPU from the table, e.g. H100, A100-40, RTX4090, L40S (default: H100, said)")
+    ] = None,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(help="Memory per GPU, e.g. 24GB; alone it gives no time (a card's speed needs --gpu NAME)"),
+    ] = None,
     num_gpus: Annotated[int, typer.Option(min=1, help="GPUs; more than one plans FSDP2 sharding")] = 1,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table")] = False,
 ) -> None:
     """Predict memory per GPU and time from the recipe and the model's config.json alone (no weights)."""
     import json
 
-    from finetune.gpus import DEFAULT_GPU, Gpu, find_gpu, parse_memory
-    from finetune.plan import make_plan, render
+    from finetune.gpus import choose_gpu
+    from finetune.plan import make_plan
+    from finetune.plan_render import render
     from finetune.recipe import load_recipe
 
     try:
-        card = find_gpu(gpu or DEFAULT_GPU)
-        if gpu_memory:
-            card = Gpu(card.name if gpu else f"a {gpu_memory} GPU", parse_memory(gpu_memory), card.bf16_tflops)
-        result = make_plan(load_recipe(recipe, set_ or []), card, num_gpus=num_gpus)
+        card, gpu_note = choose_gpu(gpu, gpu_memory)  # the note says which card was assumed when none was named
+        result = make_plan(load_recipe(recipe, set_ or []), card, num_gpus=num_gpus, gpu_note=gpu_note)
     except UserError as e:
         fail(e)
         return
@@ -304,6 +327,53 @@ def report(
         fail(e)
         return
     typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A finished run folder (its base, adapter, eval split)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model folder or hub id, instead of RUN_DIR")] = None,
+    adapter: GenAdapter = None,
+    data: Annotated[list[str] | None, typer.Option(help="Held-out perplexity on this data file (repeatable)")] = None,
+    generation: Annotated[
+        list[str] | None, typer.Option(help="JSONL of {prompt or messages, reference}: generation metrics (repeatable)")
+    ] = None,
+    tasks: Annotated[
+        list[str] | None, typer.Option(help="lm-eval task names or task YAML files/folders (repeatable, or a,b)")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Folder for eval.json (default: RUN_DIR)")
+    ] = None,
+    quantization: GenQuantization = "auto",
+    chat_format: GenChatFormat = "auto",
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Most new tokens per generated reply")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Records per forward pass")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most N records of each file and task")] = None,
+    bootstrap: Annotated[int | None, typer.Option(min=0, help="Bootstrap resamples for the 95% interval")] = None,
+    routing: Annotated[bool | None, typer.Option("--routing/--no-routing", help="Measure the routing shift")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing eval.json")] = False,
+) -> None:
+    """Base against adapter from one model load: held-out perplexity, generation metrics, lm-eval tasks, routing."""
+    from finetune.evaluate.inputs import EvalRequest
+    from finetune.evaluate.run_eval import run_cli
+    from finetune.evaluate.table import render
+
+    request = EvalRequest(
+        run_dir=run_dir, model=model, adapter=adapter, data=data or [], generation=generation or [],
+        tasks=[t for entry in tasks or [] for t in entry.split(",") if t.strip()], output=output,
+        quantization=quantization, chat_format=chat_format, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        limit=limit, bootstrap_samples=bootstrap, routing=routing, overwrite=overwrite,
+    )  # fmt: skip
+    try:
+        result, written = run_cli(request, echo=lambda line: typer.echo(line, err=True))
+    except UserError as e:
+        fail(e)
+        return
+    for line in render(result):
+        typer.echo(line)
+    typer.echo(f"eval: {', '.join(str(p) for p in written)}", err=True)
 
 
 def mount_data_commands() -> None:

@@ -22,6 +22,10 @@ FormatOpt = Annotated[
 ]
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (its model tokenizer and data settings)")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file (never an input)")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Refuse the file (exit 2) if a record is invalid, instead of naming it and going on"),
+]
 OutputOpt = Annotated[
     Path,
     typer.Option("--output", "-o", help="Output file; its extension picks the format: .jsonl, .json, .parquet, .csv"),
@@ -83,15 +87,19 @@ def _tokenized(file: str, fmt: str, recipe: Path, *, strict: bool | None = None)
     """Load, validate and tokenise one file with a recipe's settings → (cfg, tokenizer, dataset, method).
 
     The file's own kind decides: conversations → input_ids/labels (sft); pairs → prompt_ids, chosen_ids,
-    rejected_ids (dpo); unpaired records → prompt_ids, completion_ids, label (kto)."""
+    rejected_ids (dpo); unpaired records → prompt_ids, completion_ids, label (kto). Bad records: strict None
+    follows the recipe's data.skip_invalid; True/False refuse them or name them on stderr and go on without them."""
     from data_tools.pipeline import format_spec, tokenize_records
     from data_tools.preference import tokenize_preference
-    from data_tools.validate import data_kind, load_source, raise_or_report
+    from data_tools.validate import data_kind, load_source, raise_or_report, skip_or_refuse
 
     _check_format(fmt)
     cfg, tokenizer, model_dir = load_context(recipe)
     loaded = load_source(file, fmt, kind="auto")
-    raise_or_report(loaded, cfg.skip_invalid if strict is None else not strict, echo=lambda m: typer.echo(m, err=True))
+    if strict is None:
+        raise_or_report(loaded, cfg.skip_invalid, echo=lambda m: typer.echo(m, err=True))
+    else:
+        skip_or_refuse(loaded, strict, echo=lambda m: typer.echo(m, err=True))
     spec = format_spec(cfg, tokenizer, model_dir)
     method = METHOD_OF_KIND[data_kind(loaded.format)]
     if method == "sft":
@@ -224,6 +232,7 @@ def preview(
     recipe: RecipeOpt,
     n: Annotated[int, typer.Option("-n", help="How many records to show")] = 3,
     fmt: FormatOpt = "auto",
+    strict: StrictOpt = False,
 ) -> None:
     """Show formatted records; tokens that carry loss are highlighted in green, masked ones are dim.
 
@@ -233,7 +242,7 @@ def preview(
 
     from data_tools.preview import LEGEND, mask_text, preference_view
 
-    _, tokenizer, ds, method = _tokenized(file, fmt, recipe)
+    _, tokenizer, ds, method = _tokenized(file, fmt, recipe, strict=strict)
     console = Console()
     if method != "sft":
         for row in ds.select(range(min(n, len(ds)))):
@@ -262,6 +271,7 @@ def stats(
     fmt: FormatOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON")] = False,
     overwrite: OverwriteOpt = False,
+    strict: StrictOpt = False,
 ) -> None:
     """Record count, token-length percentiles and histogram, truncation, tokens per role, duplicates.
 
@@ -276,7 +286,7 @@ def stats(
     _check_format(fmt)
     if plot is not None:
         _claim_outputs(file, [plot], overwrite, suffixes=PLOT_SUFFIXES)
-    cfg, _, ds, method = _tokenized(file, fmt, recipe)
+    cfg, _, ds, method = _tokenized(file, fmt, recipe, strict=strict)
     if method != "sft":
         lengths = st.preference_lengths(ds)
         s = st.preference_dataset_stats(ds, cfg.max_length)

@@ -1,7 +1,7 @@
 """What a person reads in the terminal: one line per logging step, the end-of-run summary, `--explain`.
 
-transformers' ProgressCallback prints each log as a raw dict of strings; `ReadableProgress` keeps its tqdm bar
-and writes a formatted line instead. The summary says what the run achieved, where everything is and which
+transformers prints each log as a raw dict of strings, under a tqdm bar; `ReadableProgress` replaces both with one
+formatted line per log, the same on a terminal and in a log file. The summary says what the run achieved, where everything is and which
 commands to run next. Formatting is kept in pure functions so it is tested without training.
 """
 
@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 # --- per-step lines -----------------------------------------------------------------------------------------------
 
@@ -78,30 +78,48 @@ def other_line(logs: dict[str, Any]) -> str:
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
 
 
-class ReadableProgress(ProgressCallback):
-    """The stock tqdm bar, with a readable line per logging step instead of the raw dict."""
+class ReadableProgress(TrainerCallback):
+    """A readable line per logging step on stdout, and the time spent in training steps.
+
+    It is the run's one progress display, on a terminal or not: the line already says step N/M, tok/s and ETA, a
+    tqdm bar would repeat it, and a log file then holds the same lines the terminal showed (no bar frames, no
+    `\\r`). The step time (forward, backward, optimizer step; not evaluation, checkpoints or sample generation) is
+    what the per-line tok/s and the summary's tokens/s divide by."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.last_time: float | None = None
         self.last_step = 0
         self.last_tokens: float | None = None
+        self.step_seconds = 0.0  # the whole run's time in training steps
+        self.interval_seconds = 0.0  # step time since the previous line
+        self.step_started: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
         self.last_time, self.last_step, self.last_tokens = time.time(), state.global_step, None
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step_started is not None:
+            seconds = time.perf_counter() - self.step_started
+            self.step_seconds += seconds
+            self.interval_seconds += seconds
+            self.step_started = None
+
     def rates(self, logs: dict[str, Any], step: int, max_steps: int) -> tuple[float | None, float | None]:
-        """Tokens/s and ETA over the interval since the previous line (the first line counts from train start)."""
+        """Tokens/s over the training steps since the previous line; ETA from the wall time per step (which
+        includes evaluation and checkpoints, as the rest of the run will)."""
         now = time.time()
         elapsed = now - (self.last_time or now)
+        seconds = self.interval_seconds or elapsed  # steps not timed (driven without on_step_begin): wall time
         tokens = logs.get("num_tokens")
         tokens_per_s = None
-        if tokens is not None and elapsed > 0:
-            tokens_per_s = (tokens - (self.last_tokens or 0)) / elapsed
+        if tokens is not None and seconds > 0:
+            tokens_per_s = (tokens - (self.last_tokens or 0)) / seconds
         steps = step - self.last_step
         eta = elapsed / steps * (max_steps - step) if steps > 0 else None
-        self.last_time, self.last_step, self.last_tokens = now, step, tokens
+        self.last_time, self.last_step, self.last_tokens, self.interval_seconds = now, step, tokens, 0.0
         return tokens_per_s, eta
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -117,21 +135,18 @@ class ReadableProgress(ProgressCallback):
             return  # the end-of-training record; the run summary says it better
         else:
             line = other_line(logs)
-        write = self.training_bar.write if self.training_bar is not None else _tqdm_write
-        write(line)
+        print(line, flush=True)
 
 
-def _tqdm_write(line: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(line)
-
-
-def use_readable_progress(trainer: Any) -> None:
-    """Swap the trainer's stock ProgressCallback for ReadableProgress (no-op when tqdm is disabled)."""
-    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(ReadableProgress())
+def use_readable_progress(trainer: Any) -> ReadableProgress:
+    """Replace the trainer's own display (tqdm's ProgressCallback, or PrinterCallback's raw dicts) with
+    ReadableProgress, whatever training.extra.disable_tqdm says; returns it for its step time."""
+    for stock in (ProgressCallback, PrinterCallback):
+        if any(type(cb) is stock for cb in trainer.callback_handler.callbacks):
+            trainer.remove_callback(stock)
+    progress = ReadableProgress()
+    trainer.add_callback(progress)
+    return progress
 
 
 # --- end-of-run summary -------------------------------------------------------------------------------------------
@@ -189,8 +204,7 @@ def summary_lines(metrics: dict[str, Any], recipe: Any) -> list[str]:
     if metrics.get("eval_loss") is not None:
         loss += f", eval loss {metrics['eval_loss']:.4f}"
     lines = [f"done: {metrics['steps']} steps in {duration(metrics['wall_seconds'])}, {loss}"]
-    speed = f"{metrics['tokens_per_second']:,.0f} tokens/s" if metrics.get("tokens_per_second") else "no tokens"
-    lines.append(f"  {speed} over {duration(metrics['train_seconds'])} of training")
+    lines.append(f"  {speed_text(metrics)}")
     lines.append(f"  {memory_text(metrics)}")
     output_dir = Path(recipe.output_dir)
     lines.append(f"outputs in {output_dir}/")
@@ -201,6 +215,21 @@ def summary_lines(metrics: dict[str, Any], recipe: Any) -> list[str]:
     for what, command in next_commands(output_dir, *summary_inputs(recipe)):
         lines += [f"  # {what}", f"  {command}"]
     return lines
+
+
+def speed_text(metrics: dict[str, Any]) -> str:
+    """Tokens/s over the training steps alone, then where the rest of the training loop's time went."""
+    speed = f"{metrics['tokens_per_second']:,.0f} tokens/s" if metrics.get("tokens_per_second") else "no tokens"
+    steps = metrics.get("step_seconds", metrics["train_seconds"])
+    text = f"{speed} over {duration(steps)} of training steps"
+    covers = metrics.get("tokens_per_second_covers") or {}
+    if covers.get("from_step"):  # a resumed run measured only what it ran itself
+        text += f" {covers['from_step'] + 1}-{covers['to_step']} (resumed at step {covers['from_step']})"
+    other, samples = metrics["train_seconds"] - steps, metrics.get("sample_seconds") or 0.0
+    if other >= 1:
+        parts = ["evaluation", "checkpoints"] + ([f"samples {duration(samples)}"] if samples >= 1 else [])
+        text += f"; the loop's other {duration(other)}: {', '.join(parts)}"
+    return text
 
 
 def summary_inputs(recipe: Any) -> tuple[str, str | None]:

@@ -2,7 +2,8 @@
 
 Data is prepared once per machine (the local main rank tokenises into the datasets cache; the others then read it),
 only global rank 0 prints, writes and tracks, and at the end every rank's adapter checksum is gathered so that
-metrics.json proves the ranks stayed in sync. A single process takes none of these paths.
+metrics.json proves the ranks stayed in sync. Under DDP the frozen base is left out of DDP's initial broadcast
+(`ddp_ignore_frozen`). A single process takes none of these paths.
 """
 
 from __future__ import annotations
@@ -62,3 +63,26 @@ def checksums_by_rank(model: torch.nn.Module) -> list[str] | None:
     gathered: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, adapter_checksum(model))
     return [str(c) for c in gathered]
+
+
+def ddp_ignore_frozen(model: torch.nn.Module) -> list[str]:
+    """Name every frozen parameter and every buffer for DDP to leave alone; returns the names.
+
+    DDP broadcasts all parameters and buffers from rank 0 when it wraps the model, frozen ones included: with the
+    quantised experts stored as parameters that is the whole 4-bit base (~24 GB per rank for Mixtral-8x7B). Every
+    rank loads the same checkpoint into the same quantised bytes and computes the same rotary buffer, so only the
+    trainable adapter needs that broadcast (DDP still makes its initial values agree). PyTorch's supported way to
+    exclude tensors from DDP is `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model` (fully
+    qualified names, as `named_parameters()` of the module DDP wraps gives them); frozen tensors get no gradient, so
+    nothing else changes. Outside DDP the names are never read; an FSDP2-sharded model gets none.
+    """
+    from finetune.sharding import is_sharded
+
+    if is_sharded(model):
+        return []
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [name for name, param in model.named_parameters() if not param.requires_grad]
+    names += [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names

@@ -56,8 +56,10 @@ class Generator:
 
 
 def _looks_local(path: str) -> bool:
-    """Hub ids are `org/name`; anything else with a separator (or ~, ./) is meant as a local path."""
-    return path.startswith(("/", ".", "~")) or path.count("/") != 1 or "\\" in path
+    """Hub ids are `org/name`; anything else (or ~, ./, `outputs/run` beside a folder `outputs`) is a local path."""
+    from finetune.model import looks_like_path
+
+    return looks_like_path(path)
 
 
 def _check_adapter_dir(adapter: Path) -> Path:
@@ -85,7 +87,9 @@ def _from_run(run_dir: Path, quantization: str) -> Source:
     if not adapter.is_dir():
         raise UserError(f"--model: run folder {run_dir} has no adapter/ yet; wait for the run to finish")
     return Source(
-        model_dir=resolve_model_dir(model["path"], revision=model.get("revision")),
+        model_dir=resolve_model_dir(
+            model["path"], revision=model.get("revision"), what=f"{run_dir / RUN_RECIPE}: model.path"
+        ),
         adapter_dir=_check_adapter_dir(adapter),
         quantization=model.get("quantization", "nf4") if quantization == "auto" else quantization,
         chat_format=data.get("chat_format", "mistral"),
@@ -129,7 +133,7 @@ def _resolve(model: str, adapter: str | Path | None, quantization: str) -> Sourc
     if not local.exists() and _looks_local(model) and model != "tiny-random-mixtral":
         raise UserError(f"--model: {model} does not exist; give a model folder, a run folder, or a hub id (org/name)")
     adapter_dir = _check_adapter_dir(Path(adapter).expanduser()) if adapter is not None else None
-    model_dir = resolve_model_dir(model)
+    model_dir = resolve_model_dir(model, what="--model")
     if quantization == "auto":
         quantization = "nf4" if adapter_dir else "none"
     names = {p.name for p in model_dir.iterdir()} if model_dir.is_dir() else set()
@@ -247,6 +251,9 @@ def reply(
     return tok.decode(new, skip_special_tokens=True).strip(), new
 
 
+REPLY_SEPARATOR = "---\n"  # between piped chat replies, as a line of its own
+
+
 def chat_loop(gen: Generator, sampling: Sampling, lines: TextIO, out: TextIO, err: TextIO) -> list[str]:
     """Read user lines until EOF or /exit, keeping the conversation; /reset clears it. Returns the replies."""
     interactive = lines.isatty()
@@ -271,6 +278,8 @@ def chat_loop(gen: Generator, sampling: Sampling, lines: TextIO, out: TextIO, er
             err.write("(conversation cleared)\n")
             continue
         history.append({"role": "user", "content": text})
+        if replies and not interactive:  # piped: the replies are told apart in the output (no `you>` prompt between)
+            out.write(REPLY_SEPARATOR)
         answer, _ = reply(gen, history, sampling, out)
         replies.append(answer)
         if not answer:  # an empty assistant turn can't be encoded (mistral-common refuses it): forget the question

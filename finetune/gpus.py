@@ -19,7 +19,7 @@ GIB = 2**30
 class Gpu:
     name: str
     memory_bytes: int
-    bf16_tflops: float  # dense peak, TFLOP/s
+    bf16_tflops: float | None  # dense peak, TFLOP/s; None for a card known by its memory alone (no time estimate)
 
 
 GPUS: dict[str, Gpu] = {
@@ -63,6 +63,24 @@ def find_gpu(name: str) -> Gpu:
         f"--gpu {name!r}: not in the GPU table",
         [f"known: {', '.join(GPUS)}", "or give the memory directly: --gpu-memory 24GB"],
     )
+
+
+def choose_gpu(gpu: str | None, gpu_memory: str | None) -> tuple[Gpu, str | None]:
+    """The card `finetune plan` plans for, and a note when the user named none (the default is then said).
+
+    --gpu NAME: that card; --gpu-memory alone: a card of that size whose speed is unknown (no throughput is made
+    up for it); both: the named card's speed with that memory; neither: DEFAULT_GPU, said to be assumed."""
+    if gpu is None and gpu_memory is None:
+        card = GPUS[DEFAULT_GPU]
+        return (
+            card,
+            f"assumed {card.name} (none given); choose with --gpu NAME ({', '.join(GPUS)}) or --gpu-memory SIZE",
+        )
+    if gpu is None:
+        memory = parse_memory(gpu_memory)
+        return Gpu(f"a {memory / GIB:g} GiB GPU", memory, None), None
+    card = find_gpu(gpu)
+    return (Gpu(card.name, parse_memory(gpu_memory), card.bf16_tflops) if gpu_memory else card), None
 
 
 def parse_memory(text: str) -> int:

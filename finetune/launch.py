@@ -5,6 +5,11 @@ Multi-process training is accelerate's job; this module only builds the `acceler
 it: SIGTERM/SIGINT are passed on to the launcher (which passes them to every rank, so a rank can save a checkpoint
 before it exits) and our exit code is the launcher's. Everything that can be wrong with the launch itself is
 refused here, before any process, model or data is started.
+
+A user error inside a rank (a bad data record: FILE:LINE) is written to a folder the launch names in
+FINETUNE_LAUNCH_ERRORS instead of printed, and the rank marks the moment in its stderr. What the launcher's stderr
+(which we relay) holds after that mark is the aftermath: the other ranks' tracebacks as their peer vanished,
+torchrun's failure report. We drop it, print the first rank's error once, and exit 2 as a single process would.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIG = ROOT / "accelerate_config.yaml"  # DDP over the machine's GPUs
 CPU_CONFIG = ROOT / "accelerate" / "cpu-ddp.yaml"  # two CPU processes over gloo
 LAUNCH_OPTIONS = ("--num-processes", "--accelerate-config")  # ours: consumed here, never passed on
+ERRORS_ENV = "FINETUNE_LAUNCH_ERRORS"  # the folder where a rank leaves its user error for `run` to print
+ERROR_MARK = b"\x1efinetune: a rank reported a user error\x1e\n"  # in the rank's stderr, right after the report
 # Seconds torchrun gives the ranks between passing on SIGTERM and killing them (its default, 30 s, can be shorter
 # than writing a checkpoint of a big adapter with its optimizer state). A value the user set is kept.
 SHUTDOWN_TIMEOUT = "300"
@@ -152,30 +161,93 @@ def prepare(
     return launch_command(path, num_processes, strip_launch_options(argv))
 
 
+def report_to_launcher(error: Exception, env: Mapping[str, str] | None = None) -> bool:
+    """Inside a rank of `--num-processes`: leave the user error for the launching process to print once, and say
+    so (True); elsewhere (a single process, or `accelerate launch` run by hand) False, and the caller prints it."""
+    env = os.environ if env is None else env
+    folder = Path(env.get(ERRORS_ENV) or "")
+    if not env.get(ERRORS_ENV) or not folder.is_dir():
+        return False
+    rank = env.get("RANK", env.get("LOCAL_RANK", "0"))
+    tmp = folder / f".rank-{rank}.tmp"
+    tmp.write_text(str(error), encoding="utf-8")
+    os.replace(tmp, folder / f"rank-{rank}.txt")  # whole or not at all
+    try:
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), ERROR_MARK)  # after everything this rank wrote before the error
+    except (AttributeError, OSError, ValueError):  # no real stderr: the report alone still gives exit 2
+        pass
+    return True
+
+
+def rank_errors(folder: Path) -> list[str]:
+    """The user errors ranks left in `folder`, lowest rank first."""
+    files = sorted(folder.glob("rank-*.txt"), key=lambda f: int(f.stem.partition("-")[2] or 0))
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+def _relay(source: int) -> None:
+    """Copy the launcher's stderr to ours as it comes, up to the first rank's ERROR_MARK (see module doc)."""
+    sink = getattr(sys.stderr, "buffer", None)
+    held, cut = b"", False
+    with os.fdopen(source, "rb", buffering=0) as stream:
+        while chunk := stream.read(65536):
+            if cut:
+                continue  # read on, so the launcher never blocks on a full pipe
+            data, held = held + chunk, b""
+            if (at := data.find(ERROR_MARK)) >= 0:
+                data, cut = data[:at], True
+            elif (start := data.rfind(ERROR_MARK[:1])) >= 0 and ERROR_MARK.startswith(data[start:]):
+                data, held = data[:start], data[start:]  # the mark may be split across two reads
+            if sink is not None:
+                sink.write(data)
+                sink.flush()
+            else:
+                sys.stderr.write(data.decode(errors="replace"))
+                sys.stderr.flush()
+
+
 def run(command: Sequence[str], *, echo=print) -> int:
     """Print the command, run it, pass SIGTERM/SIGINT on to it, and return its exit code.
 
     A child killed by a signal gives 128 + the signal; so does a child that fails after we passed a signal on
     (accelerate exits 1 once torchrun has stopped the ranks), so the caller sees 143 / 130 as for a single process.
+    A rank's user error is printed once, here, and gives 2.
     """
     echo(f"launching: {shlex.join(command)}")
     env = dict(os.environ)
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT)
-    # Its own session: a Ctrl-C in the terminal reaches the launcher once, through us, not twice.
-    child = subprocess.Popen(list(command), env=env, start_new_session=True)
-    forwarded: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="finetune-launch-") as folder:
+        errors = Path(folder)
+        env[ERRORS_ENV] = folder
+        read_end, write_end = os.pipe()
+        # Its own session: a Ctrl-C in the terminal reaches the launcher once, through us, not twice.
+        try:
+            child = subprocess.Popen(list(command), env=env, stderr=write_end, start_new_session=True)
+        finally:
+            os.close(write_end)
+        relay = threading.Thread(target=_relay, args=(read_end,), daemon=True)
+        relay.start()
+        forwarded: list[int] = []
 
-    def forward(signum, _frame):
-        if child.poll() is None:
-            forwarded.append(signum)
-            child.send_signal(signum)
+        def forward(signum, _frame):
+            if child.poll() is None:
+                forwarded.append(signum)
+                child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        relay.join(timeout=30)  # a rank's leftover child may hold the pipe open: never wait on it for long
+        reported = rank_errors(errors)
     if code < 0:
         return 128 - code
-    return 128 + forwarded[0] if code != 0 and forwarded else code
+    if code != 0 and forwarded:
+        return 128 + forwarded[0]
+    if code != 0 and reported:
+        print(f"error: {reported[0]}", file=sys.stderr, flush=True)
+        return 2
+    return code

@@ -54,15 +54,38 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
-def resolve_model_dir(path: str, *, revision: str | None = None, allow_pickle: bool = False) -> Path:
+def looks_like_path(path: str) -> bool:
+    """Hub ids are `org/name`; anything else (/, ./, ~, a backslash, no or several /) means a local folder, and so
+    does `outputs/run` when `outputs` is a folder here."""
+    if path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") != 1:
+        return True
+    return Path(path.split("/", 1)[0]).is_dir()
+
+
+def missing_folder_problem(path: str, what: str = "model.path") -> str | None:
+    """The error for a path meant as a local folder that does not exist (rather than a hub lookup that fails)."""
+    if path == TINY_MODEL_NAME or Path(path).expanduser().exists() or not looks_like_path(path):
+        return None
+    return (
+        f"{what}: {path} does not exist; give a model folder, a hub id (org/name) or {TINY_MODEL_NAME} "
+        "(the built-in model)"
+    )
+
+
+def resolve_model_dir(
+    path: str, *, revision: str | None = None, allow_pickle: bool = False, what: str = "model.path"
+) -> Path:
     """A local folder for `path`: the built-in tiny model, an existing folder, or a hub snapshot."""
     if path == TINY_MODEL_NAME:
         return materialize_builtin(path)
     local = Path(path).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise UserError(f"model.path: {path!r} is a file; give the folder that holds config.json and weights")
+            raise UserError(f"{what}: {path!r} is a file; give the folder that holds config.json and weights")
         return local
+    problem = missing_folder_problem(path, what)
+    if problem:
+        raise UserError(problem)
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
@@ -71,7 +94,9 @@ def resolve_model_dir(path: str, *, revision: str | None = None, allow_pickle: b
     try:
         return Path(snapshot_download(path, revision=revision, allow_patterns=patterns))
     except Exception as e:  # network, auth, not found: all are the user's to fix
-        raise UserError(f"model.path: could not fetch {path!r} from the hub: {type(e).__name__}: {e}") from None
+        raise UserError(
+            f"{what}: could not fetch {path!r} from the hub: {type(e).__name__}: {e} (nor is it a folder here)"
+        ) from None
 
 
 def local_model_dir(path: str) -> Path | None:
@@ -254,28 +279,46 @@ class LoadedModel:
     load_peak_memory: int
     report: Any  # finetune.moe.loading.LoadReport
     summary: list[str] = field(default_factory=list)
+    load_memory_added: int = 0  # host RSS peak above the start of loading (LoRA and FSDP2 sharding included)
 
 
 def load_model(
     settings: ModelSettings, lora: LoraSettings, model_dir: Path, *, train_aux: bool, init_adapter: Path | None = None
 ) -> LoadedModel:
-    """Load the base in the recipe's quantisation and attach LoRA; print what is quantised and what LoRA targets."""
-    from finetune.moe.loading import load_mixtral
-    from finetune.moe.lora import apply_lora, lora_summary
-    from finetune.sharding import expert_staging_device, quant_storage
+    """Load the base in the recipe's quantisation and attach LoRA; print what is quantised and what LoRA targets.
+
+    Under FSDP2 each rank loads only its own experts and the model is sharded here, before the trainer exists."""
+    import contextlib
+
+    from finetune.moe.lora import lora_summary
+    from finetune.sharding import load_sharding
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    with PeakMemory(device) as peak:
-        base, report = load_mixtral(
-            model_dir,
-            quantization=settings.quantization,
-            dtype=dtype,
-            device=device,
-            double_quant=settings.double_quant,
-            quant_storage=quant_storage(dtype),  # FSDP2 shards 4-bit attention only when packed in a float dtype
-            expert_device=expert_staging_device(device),  # under FSDP2 on GPUs: host memory until sharded
-        )
+    sharding = load_sharding(device, dtype)  # None outside FSDP2
+    host = PeakMemory("cpu") if device.type != "cpu" else None
+    with PeakMemory(device) as peak, host or contextlib.nullcontext():
+        model, report = _load_and_adapt(settings, lora, model_dir, device, dtype, sharding, train_aux, init_adapter)
+    summary = [*report.summary_lines(), *lora_summary(model)]
+    added = (host or peak).delta
+    return LoadedModel(model, model_dir, device, dtype, peak.peak, report, summary, load_memory_added=added)
+
+
+def _load_and_adapt(settings, lora, model_dir, device, dtype, sharding, train_aux, init_adapter):
+    from finetune.moe.loading import load_mixtral
+    from finetune.moe.lora import apply_lora
+    from finetune.sharding import expert_staging_device, quant_storage, shard_loaded
+
+    base, report = load_mixtral(
+        model_dir,
+        quantization=settings.quantization,
+        dtype=dtype,
+        device=device,
+        double_quant=settings.double_quant,
+        quant_storage=quant_storage(dtype),  # FSDP2 shards 4-bit attention only when packed in a float dtype
+        expert_device=None if sharding else expert_staging_device(device),
+        expert_shard=(sharding.rank, sharding.world) if sharding else None,  # FSDP2: only this rank's experts
+    )
     if settings.attn_implementation:
         base.set_attn_implementation(settings.attn_implementation)
     base.config.output_router_logits = train_aux
@@ -296,5 +339,6 @@ def load_model(
             train_router=lora.router == "trainable",
             use_rslora=lora.use_rslora,
         )
-    summary = [*report.summary_lines(), *lora_summary(model)]
-    return LoadedModel(model, model_dir, device, dtype, peak.peak, report, summary)
+    if sharding is not None:
+        model = shard_loaded(model, sharding)
+    return model, report

@@ -4,6 +4,7 @@ Resident base weights come from the loader's own accounting (`build_report` / `m
 skeleton whose 4-bit and 8-bit weights are quantised on the meta device, so no second formula exists. LoRA, gradients,
 optimizer state and activations are counted from the shapes; activations follow what autograd keeps in our routed
 expert forward (see `layer_bytes_per_token`). The model was checked against measured CPU peaks (tests/test_plan.py).
+Time is finetune.plan_time's, the table finetune.plan_render's. A hub id is read from the local cache only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 from finetune.errors import UserError
 from finetune.gpus import GIB, Gpu
-from finetune.plan_time import data_tokens, time_estimate
+from finetune.plan_host import fsdp_settings, host_ram
+from finetune.plan_time import data_size, time_estimate
 from finetune.sharding import fsdp_launch
 
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/cuDNN workspaces on a Hopper card, as nvidia-smi shows them
@@ -68,15 +70,35 @@ def config_dir(recipe) -> Path:
         return local
     if local.exists():
         raise UserError(f"model.path: {path!r} is a file; give the folder that holds config.json")
-    from huggingface_hub import hf_hub_download
+    from finetune.model import missing_folder_problem
 
+    if problem := missing_folder_problem(path):
+        raise UserError(problem)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json", revision=recipe.model.revision)  # never the network
+    if isinstance(cached, str):
+        return Path(cached).parent
+    shipped = ""
+    if SHIPPED_CONFIGS.is_dir():
+        folders = ", ".join(shown_path(f) for f in sorted(SHIPPED_CONFIGS.iterdir()) if (f / "config.json").is_file())
+        shipped = f"use a shipped copy (--set model.path={folders}, Mixtral-8x7B's), or "
+    raise UserError(
+        f"model.path: the plan needs the config.json of {path!r}, which is not in the local hub cache (the plan does "
+        f"not use the network); {shipped}fetch that one file with `hf download {path} config.json --local-dir DIR` "
+        "and --set model.path=DIR"
+    )
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"  # published config.json files
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working folder when it lies inside it (as a user types it), else absolute."""
     try:
-        return Path(hf_hub_download(path, "config.json", revision=recipe.model.revision)).parent
-    except Exception as e:  # offline, auth, not found
-        raise UserError(
-            f"model.path: the plan needs the config.json of {path!r} and could not fetch it from the hub "
-            f"({type(e).__name__}); download that one file into a folder and set model.path to the folder"
-        ) from None
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def read_config(folder: Path):
@@ -327,25 +349,31 @@ class Planner:
         if "8bit" not in s.optimizer:
             add("--set training.optimizer=paged_adamw_8bit", replace(s, optimizer="paged_adamw_8bit"))
         for n in FSDP_SIZES:
-            add(f"FSDP2 over {n} GPUs (--num-processes {n} --accelerate-config accelerate/fsdp2.yaml)",
-                replace(s, num_gpus=n), fsdp=n)  # fmt: skip
+            sharded, optimizer_note = fsdp_settings(replace(s, num_gpus=n), n)  # no bitsandbytes optimizer
+            switch = f" --set training.optimizer={sharded.optimizer}" if optimizer_note else ""
+            add(f"FSDP2 over {n} GPUs (--num-processes {n} --accelerate-config accelerate/fsdp2.yaml{switch})",
+                sharded, fsdp=n)  # fmt: skip
         return out
 
 
-def make_plan(recipe, gpu: Gpu, *, num_gpus: int = 1, read_data: bool = True) -> dict[str, Any]:
-    """The whole plan as one JSON-able dict (what `--json` prints)."""
+def make_plan(
+    recipe, gpu: Gpu, *, num_gpus: int = 1, read_data: bool = True, gpu_note: str | None = None
+) -> dict[str, Any]:
+    """The whole plan as one JSON-able dict (what `--json` prints); `gpu_note` says how the card was chosen."""
     folder = config_dir(recipe)
     config = read_config(folder)
     dtype = torch.float32 if recipe.model.dtype == "float32" else getattr(torch, recipe.model.dtype, torch.bfloat16)
     planner = Planner(recipe, config, dtype, "cuda", gpu.memory_bytes)
-    s = Settings.of(recipe, num_gpus)
     fsdp = num_gpus if num_gpus > 1 else 1
+    s, optimizer_note = fsdp_settings(Settings.of(recipe, num_gpus), fsdp)
     mem = planner.memory(s, fsdp)
     report = planner.report
-    tokens, tokens_source = data_tokens(recipe, folder) if read_data else (None, "data not read")
+    host = host_ram(report, config, num_gpus, "cuda", torch.finfo(dtype).bits // 8)
+    data = data_size(recipe, folder, config) if read_data else None
     t = recipe.training
     plan = {
-        "model": recipe.model.path, "gpu": gpu.name, "num_gpus": num_gpus, "dtype": str(dtype).removeprefix("torch."),
+        "model": recipe.model.path, "gpu": gpu.name, "gpu_note": gpu_note, "num_gpus": num_gpus,
+        "dtype": str(dtype).removeprefix("torch."),
         "quantization": recipe.model.quantization, "settings": s.__dict__,
         "resident_bytes": report.model_bytes,
         "groups": {g: v["bytes"] for g, v in report.groups.items()},
@@ -353,55 +381,21 @@ def make_plan(recipe, gpu: Gpu, *, num_gpus: int = 1, read_data: bool = True) ->
         "lines": mem.lines, "peak_allocated_bytes": mem.peak_allocated, "total_bytes": mem.total,
         "gpu_memory_bytes": gpu.memory_bytes, "fits": mem.fits, "headroom_bytes": mem.headroom,
         "fsdp_note": "FSDP2: the base, the adapter and its optimizer state / N per GPU, plus the layers gathered "
-                     "in flight; while loading, each rank stages the 4-bit experts in host memory "
-                     f"({report.groups['experts']['bytes'] / GIB:.1f} GiB per rank); launch with accelerate/fsdp2.yaml"
-                     if fsdp > 1 else None,
+                     "in flight; each rank loads and quantises only its own 1/N of the experts, onto its GPU; "
+                     "launch with accelerate/fsdp2.yaml" if fsdp > 1 else None,
+        "optimizer_note": optimizer_note,
+        "host_ram": host,
         "suggestions": [] if mem.fits else planner.suggestions(s),
         "largest_max_length": planner.largest_max_length(s, fsdp),
-        "time": time_estimate(config, s, gpu, tokens, t.num_epochs, t.max_steps),
-        "tokens_source": tokens_source,
+        "time": time_estimate(config, s, gpu, data, t.num_epochs, t.max_steps, packed(recipe)),
+        "tokens_source": data.note if data is not None else "data not read",
     }  # fmt: skip
     return plan
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:6.2f} GiB"
-
-
-def render(plan: dict[str, Any]) -> str:
-    s = plan["settings"]
-    where = f"{plan['num_gpus']} x {plan['gpu']}" if plan["num_gpus"] > 1 else plan["gpu"]
-    out = [
-        f"plan: {plan['model']} ({plan['quantization']}, {plan['dtype']}) on {where}, {_gib(plan['gpu_memory_bytes']).strip()} "
-        f"per GPU; max_length {s['max_length']}, batch {s['batch_size']}, checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}",
-        "memory per GPU:",
-    ]
-    out += [f"  {name:<52} {_gib(v)}" for name, v in plan["lines"].items()]
-    out.append(f"  {'total (predicted peak)':<52} {_gib(plan['total_bytes'])}")
-    if plan["fsdp_note"]:
-        out.append(f"  note: {plan['fsdp_note']}")
-    if plan["fits"]:
-        out.append(f"verdict: fits, {_gib(plan['headroom_bytes']).strip()} headroom")
-    else:
-        out.append(f"verdict: does not fit, over by {_gib(-plan['headroom_bytes']).strip()}")
-    if plan["largest_max_length"]:
-        out.append(f"largest max_length that fits at batch {s['batch_size']}: {plan['largest_max_length']}")
-    if plan["suggestions"]:
-        out.append("what to change (new total per GPU):")
-        for x in plan["suggestions"]:
-            mark = "fits" if x["fits"] else "still too big"
-            note = f"; {x['note']}" if x["note"] else ""
-            out.append(f"  {x['change']}: {_gib(x['total_bytes']).strip()}, {mark}{note}")
-    t = plan["time"]
-    out.append(
-        f"time: {t['flops_per_token'] / 1e9:.1f} GFLOP/token ({t['active_params'] / 1e9:.2f}B active params), "
-        f"utilisation {t['hfu_source']}: ~{t['tokens_per_second']:,.0f} tokens/s on {where}"
-    )
-    if "seconds" in t:
-        out.append(f"  {t['steps']:,} steps of {t['tokens_per_step']:,} tokens: about {t['seconds'] / 3600:.1f} h")
-    out.append(f"  tokens: {plan['tokens_source']}")
-    return "\n".join(out)
+def packed(recipe) -> bool:
+    """Whether the run trains on packed rows (SFT with data.packing; DPO/KTO never pack)."""
+    return recipe.method == "sft" and recipe.data.packing
 
 
 def preflight(recipe, model_dir: Path, *, force: bool = False, echo=print) -> None:

@@ -3,9 +3,10 @@
 `load_recipe` checks the schema; `preflight` checks the world the recipe points at: the method is available, the
 device exists, output_dir can be written, the model folder is a readable Mixtral with a tokenizer, every data source
 has data of the kind the method trains on, a starting adapter (`dpo.init_adapter`) is an adapter, and the chat
-template parses. It reads headers and small files only, never weights or records, and writes nothing (the
-writability probe removes what it creates). Hub ids cannot be checked offline and are left to load time; the
-built-in tiny model is accepted by name and not built here."""
+template parses. It reads headers and small files only, never weights, and records only when asked (`validate`
+reads every one, as `run` will), and writes nothing (the writability probe removes what it creates). Hub ids
+cannot be checked offline and are left to load time; the built-in tiny model is accepted by name and not built
+here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.model import device_problem, load_tokenizer, local_model_dir, model_dir_problems
+from finetune.model import (
+    device_problem,
+    load_tokenizer,
+    local_model_dir,
+    missing_folder_problem,
+    model_dir_problems,
+)
 from finetune.recipe import Recipe, method_settings
 
 # What a finished run leaves (as finetune.train.FINISHED_MARKERS; not imported, as train pulls in the trainer stack).
@@ -25,16 +32,21 @@ FINISHED_MARKERS = ("metrics.json", "adapter")
 AVAILABLE_METHODS = ("sft", "dpo", "kto")
 
 
-def check(recipe: Recipe, *, overwrite: bool = False, resume: bool = True) -> None:
-    """Raise one UserError listing every problem `preflight` finds."""
-    problems = preflight(recipe, overwrite=overwrite, resume=resume)
+def check(recipe: Recipe, *, overwrite: bool = False, resume: bool = True, records: bool = False) -> None:
+    """Raise one UserError listing every problem `preflight` finds (with `records`, every data record's too)."""
+    problems = preflight(recipe, overwrite=overwrite, resume=resume, records=records)
     if problems:
         raise UserError(f"{len(problems)} problem(s) found before loading the model", problems)
 
 
-def preflight(recipe: Recipe, *, overwrite: bool = False, resume: bool = True) -> list[str]:
-    """Every problem that would stop `finetune run` before the weights load, one key-named line each."""
+def preflight(recipe: Recipe, *, overwrite: bool = False, resume: bool = True, records: bool = False) -> list[str]:
+    """Every problem that would stop `finetune run` before the weights load, one key-named line each.
+
+    `records` (what `finetune validate` does) also reads every local record through the loader `run` uses, so a
+    broken line is found here and not after the model folder is resolved; `run` itself reads them once, when it
+    prepares the data."""
     from finetune.checkpoints import resume_problems
+    from finetune.methods.kernels import fused_lm_head_problems
     from finetune.sharding import launch_problems
 
     problems = method_problems(recipe.method)
@@ -44,7 +56,9 @@ def preflight(recipe: Recipe, *, overwrite: bool = False, resume: bool = True) -
     problems += output_dir_problems(recipe.output_dir, overwrite=overwrite)
     problems += resume_problems(recipe, resume=resume)  # a resume from a checkpoint of a different recipe
     problems += launch_problems(recipe)  # what FSDP2 cannot shard, under an FSDP launch
+    problems += fused_lm_head_problems(recipe.model.device)  # on CUDA: what TRL's Triton kernel needs to compile
     model_dir = local_model_dir(recipe.model.path)
+    problems += [p for p in [missing_folder_problem(recipe.model.path)] if p]  # a folder, not a hub id
     tokenizer = None
     if model_dir is not None:
         model_problems = model_dir_problems(model_dir, recipe.model)
@@ -54,11 +68,25 @@ def preflight(recipe: Recipe, *, overwrite: bool = False, resume: bool = True) -
                 tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
             except UserError as e:
                 problems.append(str(e))
-    problems += data_problems(recipe)
-    problems += data_kind_problems(recipe)
+    data = data_problems(recipe) + data_kind_problems(recipe)
+    problems += data
+    if records and not data:  # the records of files that pass the cheap checks
+        from data_tools.pipeline import check_records
+
+        problems += check_records(recipe.data, recipe.method)
     problems += init_adapter_problems(recipe)
     problems += chat_format_problems(recipe, model_dir, tokenizer)
+    problems += evaluation_problems(recipe)
     return problems
+
+
+def evaluation_problems(recipe: Recipe) -> list[str]:
+    """The `evaluation:` section's files and tasks (finetune.evaluate.checks); nothing to check without one."""
+    if recipe.evaluation is None:
+        return []
+    from finetune.evaluate.checks import recipe_problems
+
+    return recipe_problems(recipe)
 
 
 def method_problems(method: str) -> list[str]:

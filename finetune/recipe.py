@@ -17,9 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_tools.config import DataConfig
-from finetune.errors import UserError
 from finetune.recipe_errors import closest, format_validation_error, path_problems
-from finetune.recipe_file import apply_overrides, read_yaml
+from finetune.recipe_evaluation import EvaluationSettings
+from finetune.recipe_file import apply_overrides, blame_overrides, read_yaml
 
 __all__ = [
     "DpoSettings",
@@ -367,6 +367,9 @@ class Recipe(Strict):
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="Optimisation and schedule")
     moe: MoeSettings = Field(default_factory=MoeSettings, description="Mixture-of-experts specific settings")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="Experiment tracking")
+    evaluation: EvaluationSettings | None = Field(
+        None, description="Evaluate base vs adapter after training, as `finetune eval` does (none: no evaluation)"
+    )
     output_dir: str = Field(description="Folder for adapter/, recipe.yaml, metrics.json and checkpoints/")
 
     @model_validator(mode="after")
@@ -491,7 +494,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         problems += format_validation_error(e, Recipe)
     problems += extra_problems(data) + path_problems(data)
     if problems or recipe is None:
-        raise UserError(f"{path}: {len(problems)} problem(s) in the recipe", problems)
+        raise blame_overrides(path, problems, overrides)  # a bad --set value is named as the flag, not the file
     return recipe
 
 
@@ -505,4 +508,6 @@ def dump_recipe(recipe: Recipe) -> str:
     for section in METHOD_SECTIONS:
         if section != recipe.method:
             del data[section]
+    if data.get("evaluation") is None:
+        del data["evaluation"]  # optional section: written only when the recipe has it
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -6,6 +6,7 @@ Kept apart from the schema (recipe.py) so that each reads top to bottom: bytes a
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """Parse a recipe file; bad bytes, syntax errors and duplicate keys name the line (and column)."""
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
-    loader = yaml.SafeLoader(recipe_text(path, path.read_bytes()))
+    text = recipe_text(path, path.read_bytes())
+    loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         duplicates = duplicate_keys(node) if node is not None else []
@@ -30,9 +32,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
             )
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise UserError(f"{where}: YAML syntax error: {e.problem}") from None
+        raise UserError(syntax_message(path, text, e)) from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: YAML error: {e}") from None
     finally:
@@ -42,6 +42,68 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping of keys (model, lora, data, ...), got {type(data).__name__}")
     return data
+
+
+def syntax_message(path: Path, text: str, error: yaml.MarkedYAMLError) -> str:
+    """A YAML syntax error in the user's words, at `FILE:LINE`: what is wrong with that line and how to fix it.
+
+    PyYAML speaks of its parser (`expected <block end>, but found '<block mapping start>'`); the usual causes are a
+    key indented out of line with its neighbours, a tab, a `: ` inside a value or an unclosed quote."""
+    mark, problem, context = error.problem_mark, error.problem or "", error.context or ""
+    if mark is None:
+        return f"{path}: YAML syntax error: {problem}"
+    lines = text.splitlines()
+    row = lines[mark.line] if mark.line < len(lines) else ""
+    above = previous_content_line(lines, mark.line)
+    where, key = f"{path}:{mark.line + 1}", row.strip().split(":")[0]
+    line_up = "keys of one section must line up, each indented by the same number of spaces"
+    if problem.startswith("found character") and "\\t" in problem:  # PyYAML writes the tab as \t
+        return f"{where}: a tab character in the indentation; YAML indents with spaces only, replace it with spaces"
+    if problem.startswith("expected <block end>") and above is not None:
+        _, above_key, above_at = above
+        return (
+            f"{where}: bad indentation: `{key}` is indented {indent(row)} spaces but `{above_key}` on line "
+            f"{above_at + 1} is indented {key_column(lines[above_at])}; {line_up}"
+        )
+    if problem == "mapping values are not allowed here":
+        if above is not None and indent(row) > key_column(lines[above[2]]) and above[1] and ": " in lines[above[2]]:
+            _, above_key, above_at = above
+            return (
+                f"{where}: bad indentation: `{key}` is indented {indent(row)} spaces, more than `{above_key}` on line "
+                f"{above_at + 1} ({key_column(lines[above_at])}), so YAML reads it as the rest of that value; {line_up}"
+            )
+        return (
+            f"{where}:{mark.column + 1}: a value holds ': ', which YAML reads as a second key; put the value in "
+            'quotes, e.g. key: "a: b"'
+        )
+    if context.startswith("while scanning a quoted scalar") and error.context_mark is not None:
+        opened = error.context_mark
+        return f"{path}:{opened.line + 1}:{opened.column + 1}: a quoted value is never closed; add the closing quote"
+    return f"{where}:{mark.column + 1}: YAML syntax error: {problem}"
+
+
+def indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def key_column(line: str) -> int:
+    """Where the line's key starts: after the indentation and any `- ` list markers."""
+    stripped = line.lstrip(" ")
+    column = len(line) - len(stripped)
+    while stripped.startswith("- "):
+        rest = stripped[2:].lstrip(" ")
+        column += len(stripped) - len(rest)
+        stripped = rest
+    return column
+
+
+def previous_content_line(lines: list[str], before: int) -> tuple[str, str, int] | None:
+    """(text, key, index) of the nearest line above `before` that is neither blank nor a comment."""
+    for i in range(min(before, len(lines)) - 1, -1, -1):
+        stripped = lines[i].strip()
+        if stripped and not stripped.startswith("#"):
+            return lines[i], stripped.lstrip("- ").split(":")[0], i
+    return None
 
 
 def duplicate_keys(node: yaml.Node, prefix: str = "", seen: set[int] | None = None) -> list[tuple[str, int, int]]:
@@ -147,3 +209,67 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             else:
                 problems.append(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
     return problems
+
+
+def override_key(item: str) -> str:
+    """The key of a `--set` item as problems name it: `data.train.0.path=x` -> `data.train[0].path`."""
+    key = item.partition("=")[0]
+    out = ""
+    for part in key.split("."):
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def blame_overrides(path: Path, problems: list[str], overrides: list[str] | tuple[str, ...]) -> UserError:
+    """The recipe's problems, each caused by a `--set` value naming that flag as its source (not the file)."""
+    keys = [(override_key(item), item) for item in overrides]
+    lines, from_flags = [], 0
+    for problem in problems:
+        source = None
+        if not problem.startswith("--set "):
+            # the last --set of a key wins, as in apply_overrides
+            source = next(
+                (item for key, item in reversed(keys) if problem.startswith((f"{key}:", f"{key}.", f"{key}["))), None
+            )
+        if problem.startswith("--set ") or source:
+            from_flags += 1
+        lines.append(f"{problem} (from --set {source})" if source else problem)
+    if from_flags == len(lines):
+        heading = f"--set: {len(lines)} problem(s), all in values given with --set (not in {path})"
+    elif from_flags:
+        heading = f"{path} and --set: {len(lines)} problem(s), {from_flags} of them from --set"
+    else:
+        heading = f"{path}: {len(lines)} problem(s) in the recipe"
+    return UserError(heading, lines)
+
+
+def steps_per_epoch(rows: int, batch_size: int, accumulation: int, world_size: int = 1) -> int:
+    """Optimizer steps in one pass over `rows`, as transformers' Trainer counts them (a short last step counts)."""
+    batches = math.ceil(math.ceil(rows / max(world_size, 1)) / batch_size)
+    return max(batches // accumulation + int(batches % accumulation > 0), 1)
+
+
+def run_length_notes(text: str, training: Any, rows: int | None = None, world_size: int = 1, unit: str = "rows") -> str:
+    """The resolved recipe's YAML with a comment on what sets the run's length, beside max_steps and num_epochs.
+
+    With max_steps set, num_epochs does not apply (transformers ignores it); without, num_epochs does. Given the
+    number of training rows, the comment says how many passes (or steps) that makes. Comments keep the dump a
+    valid recipe and leave the resume check (which compares parsed YAML) unchanged."""
+    per_epoch = (
+        steps_per_epoch(rows, training.batch_size, training.gradient_accumulation_steps, world_size) if rows else None
+    )
+    over = f" over {rows:,} {unit}" if rows else ""
+    if training.max_steps != -1:
+        epochs = f" (≈ {training.max_steps / per_epoch:.1f} epochs{over})" if per_epoch else ""
+        notes = {"max_steps": f"sets the run's length{epochs}", "num_epochs": "not used: max_steps is set"}
+    else:
+        steps = f" ({math.ceil(training.num_epochs * per_epoch):,} steps{over})" if per_epoch else ""
+        notes = {"max_steps": "-1: num_epochs sets the run's length", "num_epochs": f"sets the run's length{steps}"}
+    lines, section = text.splitlines(), None
+    for i, line in enumerate(lines):
+        if line and not line.startswith((" ", "-")):
+            section = line.split(":")[0]
+        key = line.strip().split(":")[0]
+        if section == "training" and line.startswith("  ") and not line.startswith("   ") and key in notes:
+            lines[i] = f"{line}  # {notes.pop(key)}"
+    return "\n".join(lines) + "\n"

@@ -22,9 +22,12 @@ CURVES = [  # (file stem, title, [(metrics key, label)])
     ("aux_loss", "router aux loss", [("aux_loss", "train"), ("eval_aux_loss", "eval")]),
     ("rewards", "DPO/KTO reward margin", [("rewards/margins", "train"), ("eval_rewards/margins", "eval")]),
     ("accuracy", "DPO reward accuracy", [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval")]),
-    ("tokens_per_second", "throughput", [("perf/tokens_per_second", "tokens/s")]),
+    ("tokens_per_second", "throughput (tokens/s)", [("perf/tokens_per_second", "tokens/s")]),
 ]
-SUMMARY_KEYS = ("steps", "first_loss", "final_train_loss", "eval_loss", "aux_loss", "tokens_per_second", "peak_memory")
+SUMMARY_KEYS = ("method", "steps", "first_loss", "final_train_loss", "eval_loss", "aux_loss", "tokens_per_second",
+                "peak_memory")  # fmt: skip
+BYTES_KEYS = ("peak_memory",)
+LOSS_NAMES = {"sft": "token cross-entropy", "dpo": "DPO preference loss", "kto": "KTO loss"}  # what `loss` is
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -44,7 +47,19 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     samples = []
     if samples_path.is_file():
         samples = [json.loads(x) for x in samples_path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return {"name": run_dir.name, "rows": rows, "summary": summary, "samples": samples}
+    return {"name": run_dir.name, "rows": rows, "summary": summary, "samples": samples,
+            "method": summary.get("method") or recipe_method(run_dir)}  # fmt: skip
+
+
+def recipe_method(run_dir: Path) -> str | None:
+    """The method in the run's resolved recipe.yaml (an unfinished run has no metrics.json to say it)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return recipe.get("method", "sft") if isinstance(recipe, dict) else None
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -87,8 +102,10 @@ def heatmaps_figure(run: dict[str, Any]) -> Figure | None:
     first, last = logged[0], logged[-1]
     layers, experts = len(first["moe/load"]), len(first["moe/load"][0])
     figure = Figure(figsize=(3 + 0.9 * experts, 2.2 + 0.3 * layers), dpi=100)
+    busiest = max(v for row in (first, last) for layer in row["moe/load"] for v in layer)  # one scale for both
     for i, row in enumerate((first, last)):
-        heatmap_figure(row["moe/load"], title=f"{run['name']}: step {row['step']}", ax=figure.add_subplot(1, 2, i + 1))
+        title, ax = f"{run['name']}: step {row['step']}", figure.add_subplot(1, 2, i + 1)
+        heatmap_figure(row["moe/load"], title=title, ax=ax, vmax=busiest)
     figure.tight_layout()
     return figure
 
@@ -125,11 +142,40 @@ def imbalance_figure(runs: list[dict[str, Any]]) -> Figure | None:
 def summary_table(runs: list[dict[str, Any]]) -> list[str]:
     lines = ["| | " + " | ".join(r["name"] for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for key in SUMMARY_KEYS:
-        values = [r["summary"].get(key) for r in runs]
+        values = [r["method"] if key == "method" else r["summary"].get(key) for r in runs]
         if any(v is not None for v in values):
-            text = [f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "") for v in values]
+            text = [cell(key, v) for v in values]
             lines.append(f"| {key} | " + " | ".join(text) + " |")
     return lines
+
+
+def cell(key: str, value: Any) -> str:
+    """A summary value as a person reads it: bytes in GB/MB (decimal, as the run's summary prints them)."""
+    if value is None:
+        return ""
+    if key in BYTES_KEYS and isinstance(value, (int, float)):
+        return f"{value / 1e9:.2f} GB" if value >= 1e9 else f"{value / 1e6:.0f} MB"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def loss_figures(runs: list[dict[str, Any]]) -> tuple[list[tuple[str, str, Figure | None]], list[str]]:
+    """The loss chart, or one per method when the runs train different objectives (their losses are different
+    quantities), with the note that says so."""
+    keys = CURVES[0][2]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    if len(methods) == 1:
+        title = f"loss ({methods[0]}: {LOSS_NAMES[methods[0]]})" if methods[0] in LOSS_NAMES else "loss"
+        return [("loss", title, curve_figure(runs, title, keys))], []
+    figures = []
+    for method in methods:
+        group = [r for r in runs if r["method"] == method]
+        names = ", ".join(r["name"] for r in group)
+        what = f"{method}: {LOSS_NAMES[method]}" if method in LOSS_NAMES else method or "method unknown"
+        title = f"loss of {names} ({what})"
+        figures.append((f"loss_{method or 'unknown'}", title, curve_figure(group, title, keys)))
+    which = ", ".join(f"{r['name']}: {r['method'] or 'unknown'}" for r in runs)
+    return figures, [f"The runs train different objectives ({which}); their losses measure different things, so "
+                     "each method has its own loss chart.", ""]  # fmt: skip
 
 
 def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
@@ -140,14 +186,15 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
             run["name"] = str(path)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dirs[0]) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures: list[tuple[str, str, Figure | None]] = [
-        (stem, title, curve_figure(runs, title, keys)) for stem, title, keys in CURVES
-    ]
+    figures, note = loss_figures(runs)
+    figures += [(stem, title, curve_figure(runs, title, keys)) for stem, title, keys in CURVES[1:]]
     figures.append(("imbalance", "expert-load imbalance", imbalance_figure(runs)))
-    figures += [(f"expert_load_{i}" if len(runs) > 1 else "expert_load", "expert load, first and last logging step",
-                 heatmaps_figure(run)) for i, run in enumerate(runs)]  # fmt: skip
+    for i, run in enumerate(runs):
+        of = f" of {run['name']}" if len(runs) > 1 else ""
+        figures.append((f"expert_load_{i}" if len(runs) > 1 else "expert_load",
+                        f"expert load{of}, first and last logging step", heatmaps_figure(run)))  # fmt: skip
     title = " vs ".join(r["name"] for r in runs)
-    lines = [f"# Run report: {title}", "", *summary_table(runs), ""]
+    lines = [f"# Run report: {title}", "", *summary_table(runs), "", *note]
     for stem, caption, figure in figures:
         if figure is None:
             continue
@@ -162,6 +209,10 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
                           f"  **reference** `{one_line(sample['reference'])}`",
                           f"  **generated** `{one_line(sample['generated'])}`"]  # fmt: skip
             lines.append("")
+    from finetune.evaluate.report_eval import eval_section  # eval.json of `finetune eval`, when the run has one
+
+    for i, path in enumerate(run_dirs):
+        lines += eval_section(Path(path), out_dir, suffix=f"_{i}" if len(run_dirs) > 1 else "")
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return out_dir
 

@@ -12,13 +12,20 @@ from typing import Any
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display, no global state
 
 
-def heatmap_figure(load: list[list[float]], title: str = "expert load", ax: Any = None) -> Figure:
-    """Layer x expert heatmap; the colour scale is centred on the balanced load 1/E, so a collapse stands out."""
+def heatmap_figure(
+    load: list[list[float]], title: str = "expert load", ax: Any = None, vmax: float | None = None
+) -> Figure:
+    """Layer x expert heatmap; white is the balanced load 1/E, so a collapse stands out. The scale reaches the
+    busiest expert (at least 2/E), so no cell is clipped; pass `vmax` to give several heatmaps one scale."""
+    from matplotlib.colors import TwoSlopeNorm
+
     rows, experts = len(load), len(load[0]) if load else 0
     figure = ax.figure if ax is not None else Figure(figsize=(1.2 + 0.45 * experts, 1.2 + 0.3 * rows), dpi=100)
     ax = ax if ax is not None else figure.add_subplot()
     balanced = 1.0 / max(experts, 1)
-    image = ax.imshow(load, cmap="RdBu_r", vmin=0.0, vmax=2 * balanced, aspect="auto", interpolation="nearest")
+    top = max([2 * balanced, vmax or 0.0, *(v for row in load for v in row)])
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=balanced, vmax=top)
+    image = ax.imshow(load, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(experts))

@@ -8,11 +8,14 @@ prompt_ids/chosen_ids and KTO rows prompt_ids/completion_ids. Rows go to the tra
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
+from finetune.distributed import is_main_process
 from finetune.sharding import is_sharded
 
 IGNORE = -100
@@ -51,8 +54,18 @@ def prompt_rows(dataset: Any, n: int, max_prompt_tokens: int = 512) -> list[tupl
 
 
 @torch.no_grad()
-def generate_rows(model, tokenizer, pairs, *, step: int, max_new_tokens: int) -> list[dict[str, Any]]:
-    """Greedy continuations of each prompt with the model as it is now (adapter on), as table rows."""
+def generate_rows(
+    model,
+    tokenizer,
+    pairs,
+    *,
+    step: int,
+    max_new_tokens: int,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy continuations of each prompt with the model as it is now (adapter on), as table rows.
+
+    `progress(done, new_tokens, seconds)` is called after each one."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -66,6 +79,7 @@ def generate_rows(model, tokenizer, pairs, *, step: int, max_new_tokens: int) ->
     rows = []
     try:
         for prompt, reference in pairs:
+            started = time.perf_counter()
             ids = torch.tensor([prompt], device=device)
             out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, synced_gpus=synced
@@ -78,15 +92,20 @@ def generate_rows(model, tokenizer, pairs, *, step: int, max_new_tokens: int) ->
                     "generated": tokenizer.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True),
                 }
             )
+            if progress is not None:
+                progress(len(rows), out.shape[1] - len(prompt), time.perf_counter() - started)
     finally:
         model.train(was_training)
     return rows
 
 
 class SamplesCallback(TrainerCallback):
-    """Generates the samples after each evaluation and at the end of training (once per step)."""
+    """Generates the samples after each evaluation and at the end of training (once per step).
 
-    def __init__(self, tracker, model, tokenizer, pairs, *, max_new_tokens: int, expert_load: Any = None):
+    Generation can take longer than a short run's training, so it is never silent: rank 0 says when it starts and
+    prints a line per sample; `seconds` (their total) lets the summary keep it apart from the training steps."""
+
+    def __init__(self, tracker, model, tokenizer, pairs, *, max_new_tokens: int, expert_load: Any = None, echo=None):
         self.tracker = tracker
         self.model = model
         self.tokenizer = tokenizer
@@ -94,30 +113,48 @@ class SamplesCallback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.expert_load = expert_load
         self.seconds = 0.0
+        self.echo = echo if echo is not None else (print_now if is_main_process() else lambda *_: None)
         self._done_steps: set[int] = set()
 
     def sample(self, step: int) -> None:
         if not self.pairs or step in self._done_steps:
             return
-        import time
-
         started = time.perf_counter()
         self._done_steps.add(step)
+        n = len(self.pairs)
+        self.echo(
+            f"generating {n} sample{'s' if n != 1 else ''} at step {step} (up to {self.max_new_tokens} new tokens "
+            "each; tracking.sample_prompts: 0 turns this off)"
+        )
+
+        def progress(done: int, new_tokens: int, seconds: float) -> None:
+            self.echo(f"  sample {done}/{n}: {new_tokens} tokens in {seconds:.1f} s")
+
         paused = self.expert_load.paused() if self.expert_load is not None else contextlib.nullcontext()
         try:
             with paused:
                 rows = generate_rows(
-                    self.model, self.tokenizer, self.pairs, step=step, max_new_tokens=self.max_new_tokens
+                    self.model,
+                    self.tokenizer,
+                    self.pairs,
+                    step=step,
+                    max_new_tokens=self.max_new_tokens,
+                    progress=progress,
                 )
         except Exception as e:  # samples are a view on training, never a reason to stop it
-            print(f"warning: sample generation failed at step {step} ({e}); training continues")
+            print(f"warning: sample generation failed at step {step} ({e}); training continues", flush=True)
             self.pairs = []
             return
+        finally:
+            self.seconds += time.perf_counter() - started
         self.tracker.log_samples(rows, step)
-        self.seconds += time.perf_counter() - started
 
     def on_evaluate(self, args, state, control, **kwargs):
         self.sample(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.sample(state.global_step)
+
+
+def print_now(line: str) -> None:
+    print(line, flush=True)

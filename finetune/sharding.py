@@ -1,11 +1,16 @@
-"""FSDP2 that shards the quantised model, through accelerate.
+"""FSDP2 that shards the quantised model, through accelerate, at load time.
 
-Under an accelerate FSDP launch (`distributed_type: FSDP`, `fsdp_version: 2`, see accelerate/fsdp2.yaml), accelerate
-calls `fully_shard` on every decoder layer. `QuantizedExperts` keeps its 4-bit storage as frozen integer parameters,
-so FSDP2 shards it like any weight: each rank holds 1/N of every layer's experts (dim 0 is the expert index), gathers
-one layer for its forward and again for its backward, and frees it after. Inside the gathered layer the experts are
-still dequantised one at a time. 4-bit attention is packed into the compute dtype (`quant_storage`), the form
-accelerate shards; it leaves uint8-packed `Params4bit` whole on every rank.
+Under an accelerate FSDP launch (`distributed_type: FSDP`, `fsdp_version: 2`, see accelerate/fsdp2.yaml) the model is
+sharded as it loads: each rank allocates, reads and quantises only its own experts (dim 0 is the expert index, E/N
+experts per rank, on its GPU when there is one), and `shard_loaded` then runs accelerate's own `fsdp2_prepare_model`
+(the units, mixed precision and mesh the Trainer would use) with the expert storage on the meta device, and fills
+each rank's shard with what it loaded. No rank ever holds the whole expert stack, on the host or on a GPU; the
+Trainer later finds the model already sharded and leaves it as it is. `QuantizedExperts` keeps its 4-bit storage as
+frozen integer parameters, so FSDP2 treats it like any weight: each rank gathers one layer for its forward and again
+for its backward, and frees it after. Inside the gathered layer the experts are still dequantised one at a time.
+4-bit attention is packed into the compute dtype (`quant_storage`), the form accelerate shards; it leaves
+uint8-packed `Params4bit` whole on every rank. Each router is an FSDP2 unit of its own with a float32 policy, so
+mixed precision never gathers it in bf16 (see `finetune.moe.router`).
 
 accelerate 1.15 turns FSDP on only for accelerator devices: a CPU launch with an FSDP config would silently run DDP.
 For CPU launches (the two-process gloo tests, debugging) `cpu_fsdp_arguments` configures the accelerate state as FSDP
@@ -16,6 +21,7 @@ TrainingArguments option). On GPUs accelerate does all of this itself.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,20 @@ import torch
 from torch import nn
 
 FSDP_EXAMPLE = "accelerate/fsdp2.yaml"
+FSDP_OPTIMIZER = "adamw_torch"  # what a bitsandbytes optimizer is replaced with under FSDP2 (refusals, the planner)
+# transformers optimizer names that build a bitsandbytes optimizer (transformers' trainer_optimizer dispatch table)
+BNB_OPTIMIZERS = frozenset(
+    {
+        "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix", "ademamix_8bit",
+        "paged_ademamix_32bit", "paged_ademamix_8bit", "lion_32bit", "lion_8bit", "paged_lion_32bit",
+        "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw_8bit",
+        "galore_adamw_8bit_layerwise",
+    }
+)  # fmt: skip
+
+
+def is_bnb_optimizer(name: str) -> bool:
+    return name.lower() in BNB_OPTIMIZERS
 
 
 def fsdp_launch() -> bool:
@@ -51,6 +71,18 @@ def launch_problems(recipe: Any) -> list[str]:
             "accelerate config: fsdp_offload_params with a 4-bit model is not supported (bitsandbytes' 4-bit "
             "kernels need the weights on the GPU); set fsdp_offload_params: false"
         )
+    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("true", "1"):
+        problems.append(
+            "accelerate config: fsdp_cpu_ram_efficient_loading is not supported and not needed: every rank already "
+            "loads only its own shard of the experts; set fsdp_cpu_ram_efficient_loading: false"
+        )
+    if is_bnb_optimizer(recipe.training.optimizer):
+        problems.append(
+            f"training.optimizer: {recipe.training.optimizer} is a bitsandbytes optimizer, which knows nothing of "
+            "FSDP2's sharded (DTensor) parameters and sizes its state from their global shape; under FSDP2 set "
+            f"training.optimizer: {FSDP_OPTIMIZER} (or adamw_torch_fused on GPUs), e.g. "
+            f"--set training.optimizer={FSDP_OPTIMIZER}"
+        )
     return problems
 
 
@@ -60,27 +92,84 @@ def quant_storage(dtype: torch.dtype) -> torch.dtype:
 
 
 def expert_staging_device(device: torch.device) -> torch.device | None:
-    """Where the quantised experts load under FSDP2 on GPUs: host memory. accelerate shards after loading, so loading
-    them onto the GPU would hold the whole 4-bit stack there first (22 GB for Mixtral-8x7B, the size of a 24 GB card);
-    from host memory FSDP2 moves each decoder layer's shard to the GPU as it shards that layer. The cost is host RAM:
-    each rank on a machine stages the whole expert stack once."""
+    """Where the quantised experts load when an FSDP launch cannot shard them at load (a multi-dimensional device
+    mesh, see `load_sharding`): host memory, as accelerate shards only after loading and the whole 4-bit stack would
+    not fit a 24 GB card first. Every rank then stages the whole stack in host memory."""
     return torch.device("cpu") if fsdp_launch() and device.type == "cuda" else None
+
+
+def fsdp_accelerator(device: torch.device, dtype: torch.dtype):
+    """The Accelerator of an FSDP launch, its state configured as FSDP2 also on CPU ranks (see the module doc)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    state = accelerator.state
+    if device.type == "cpu" and state.distributed_type == DistributedType.MULTI_CPU:
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings accelerate launch exported
+        # both shared states: every later AcceleratorState (the trainer's) copies the process-level one over its own
+        state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    return accelerator
 
 
 def cpu_fsdp_arguments(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """On CPU under an FSDP launch: configure accelerate's state as FSDP2 and return the trainer argument that uses it."""
     if not fsdp_launch() or device.type != "cpu":
         return {}
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    state = Accelerator(cpu=True, mixed_precision=mixed).state
-    if state.distributed_type == DistributedType.MULTI_CPU:
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings accelerate launch exported
-        # both shared states: every later AcceleratorState (the trainer's) copies the process-level one over its own
-        state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    fsdp_accelerator(device, dtype)
     return {"accelerator_config": {"use_configured_state": True}}
+
+
+@dataclass
+class LoadSharding:
+    """How this rank loads under FSDP2: its rank and the number of ranks its experts are split over."""
+
+    accelerator: Any
+    rank: int
+    world: int
+
+
+def load_sharding(device: torch.device, dtype: torch.dtype) -> LoadSharding | None:
+    """Under an FSDP2 launch whose ranks shard over one mesh dimension: this rank's place, before anything loads.
+
+    None outside FSDP2, and for multi-dimensional meshes (HSDP, TP: `parallelism_config`), which load whole and let
+    accelerate shard later (`expert_staging_device`)."""
+    if not fsdp_launch():
+        return None
+    accelerator = fsdp_accelerator(device, dtype)
+    if not accelerator.is_fsdp2:
+        return None
+    if getattr(accelerator, "torch_device_mesh", None) is not None:
+        return None
+    import torch.distributed as dist
+
+    return LoadSharding(accelerator, dist.get_rank(), dist.get_world_size())
+
+
+def shard_loaded(model: nn.Module, sharding: LoadSharding) -> nn.Module:
+    """FSDP2 over a model whose experts were loaded as this rank's shard: accelerate's own `fsdp2_prepare_model`,
+    with each router first made a float32 unit and the expert storage on meta until it is sharded (no full stack)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from finetune.moe.quantized import QuantizedExperts
+    from finetune.moe.router import Float32Router
+
+    plugin = sharding.accelerator.state.fsdp_plugin
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, Float32Router):
+            fully_shard(
+                module, reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
+                mp_policy=fp32,
+            )  # fmt: skip
+    experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    local = {m: m.sharded_storage(sharding.rank, sharding.world) for m in experts}
+    model = fsdp2_prepare_model(sharding.accelerator, model)
+    for module, tensors in local.items():
+        module.adopt_sharded(tensors)
+    return model
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -17,9 +17,11 @@ import torch
 
 from finetune.adapter_card import base_reference, set_base_reference, write_card
 from finetune.checkpoints import (
+    adapter_staging,
     clean_leftovers,
     clear_checkpoints,
     first_logged_loss,
+    publish_run,
     resolved_recipe,
     scan,
     staging_dir,
@@ -27,13 +29,21 @@ from finetune.checkpoints import (
     world_size_problem,
 )
 from finetune.console import use_readable_progress
-from finetune.distributed import checksums_by_rank, is_main_process, local_main_first, world_size
+from finetune.distributed import checksums_by_rank, ddp_ignore_frozen, is_main_process, local_main_first, world_size
 from finetune.divergence import DivergenceGuard
 from finetune.errors import UserError
-from finetune.interrupt import CheckpointControl, StopOnSignal, interrupted
+from finetune.interrupt import (
+    AlreadyTrained,
+    CheckpointControl,
+    StopOnSignal,
+    interrupted,
+    nothing_left_to_train,
+    restores_signals,
+)
 from finetune.memory import PeakMemory
 from finetune.model import check_model_dir, load_model, load_tokenizer, resolve_device, resolve_model_dir
 from finetune.recipe import Recipe, dump_recipe
+from finetune.recipe_file import run_length_notes
 from finetune.sharding import cpu_fsdp_arguments, local_bytes, local_bytes_by_group, save_gathered_adapter
 from finetune.tracking import Tracker, make_tracker, run_config, scrub_yaml, tracking_callbacks
 
@@ -54,7 +64,8 @@ def finished_run_markers(output_dir: Path, overwrite: bool) -> list[str]:
 def clear_output_dir(output_dir: Path, finished: list[str]) -> None:
     """With --overwrite, remove only what a run writes, and only once data and model have loaded."""
     if finished:
-        for name in (*FINISHED_MARKERS, "metrics.jsonl", "samples.jsonl", "recipe.yaml", "checkpoints"):
+        for name in (*FINISHED_MARKERS, "metrics.jsonl", "samples.jsonl", "recipe.yaml", "checkpoints", "eval.json",
+                     "eval_routing.png"):  # fmt: skip
             target = output_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -107,11 +118,12 @@ def trainer_arguments(recipe: Recipe, output_dir: Path, device: torch.device, dt
         "fp16": dtype == torch.float16,
         "use_cpu": device.type == "cpu",
         "dataloader_num_workers": 0,
-        # every rank loads identical weights; broadcasting buffers (our quantised experts) each step would copy the model
+        # False: DDP syncs buffers neither at init nor per step (the one buffer, rotary inv_freq, is the same on every
+        # rank). Parameters DDP broadcasts at init regardless, frozen too: train.run calls ddp_ignore_frozen for those
         "ddp_broadcast_buffers": False,
         "max_length": recipe.data.max_length,
         "router_aux_loss_coef": recipe.moe.aux_loss_coef if recipe.moe.aux_loss else 0.0,
-        "disable_tqdm": False,
+        "disable_tqdm": True,  # console.ReadableProgress is the one display: a line per log, no tqdm bar
         "logging_nan_inf_filter": False,  # a NaN/inf loss must show (and stop the run), not be averaged away
     }
     return {**args, **recipe.training.extra}
@@ -121,7 +133,11 @@ def data_summary(stats: dict[str, Any]) -> str:
     """One line on what will be trained: records, skipped records (never silent), tokens, packing."""
     parts = [f"data: {stats.get('train_records')} train / {stats.get('eval_records')} eval records"]
     if stats.get("records_skipped"):
-        parts.append(f"{stats['records_skipped']} invalid records skipped {stats.get('skipped_by_reason', {})}")
+        from data_tools.validate import REASON_TEXT
+
+        reasons = ", ".join(f"{REASON_TEXT.get(k, k)}: {n}" for k, n in stats.get("skipped_by_reason", {}).items())
+        n = stats["records_skipped"]
+        parts.append(f"{n} invalid record{'s' if n != 1 else ''} skipped" + (f" ({reasons})" if reasons else ""))
     if stats.get("truncated"):
         parts.append(f"{stats['truncated']} truncated to max_length")
     parts.append(f"{stats.get('trained_tokens')} of {stats.get('train_tokens')} tokens carry loss")
@@ -139,6 +155,7 @@ def init_adapter(recipe: Recipe) -> Path | None:
     return init_adapter_dir(Path(path).expanduser()) if path else None
 
 
+@restores_signals  # StopOnSignal, installed when training starts, stays through the final evaluation and write
 def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume: bool = True) -> dict[str, Any]:
     """Train one recipe end to end and return the metrics written to metrics.json.
 
@@ -170,7 +187,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
     check_model_dir(model_dir, recipe.model)
     from finetune.plan import preflight
 
-    preflight(recipe, model_dir, force=force)  # on CUDA, stop before loading when the recipe clearly does not fit
+    rank0_echo = print if is_main_process() else lambda *_: None  # the estimate once, from rank 0
+    preflight(recipe, model_dir, force=force, echo=rank0_echo)  # on CUDA, stop when it clearly does not fit
     tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
     main_process = is_main_process()  # under accelerate/torchrun only rank 0 prints the data, writes outputs, tracks
     with local_main_first(resolve_device(recipe.model.device)):  # the other ranks then read the tokenisation cache
@@ -202,7 +220,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
                 print(line)
             if latest is not None:
                 trim_log(output_dir / "metrics.jsonl", latest[0])  # rows the killed run logged after its checkpoint
-        (output_dir / "recipe.yaml").write_text(scrub_yaml(dump_recipe(recipe)), encoding="utf-8")
+        unit = "packed rows" if prepared.stats.get("packing_efficiency") is not None else "rows"
+        rows = len(prepared.train)
+        resolved = run_length_notes(scrub_yaml(dump_recipe(recipe)), recipe.training, rows, world_size(), unit)
+        (output_dir / "recipe.yaml").write_text(resolved, encoding="utf-8")  # says what sets the run's length
     config = run_config(recipe.model_dump(mode="json"), loaded, library_versions())
     tracker = make_tracker(recipe, output_dir, config) if main_process else Tracker([])
     tracking, samples, expert_load = tracking_callbacks(recipe, tracker, loaded, tokenizer, prepared, main_process)
@@ -225,12 +246,18 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
         kwargs.update(eval_strategy="steps" if recipe.training.eval_steps else "no")
         kwargs.update(eval_steps=recipe.training.eval_steps)
     callbacks = [tracking, samples, divergence, saving]
+    ddp_ignore_frozen(model)  # DDP's initial broadcast: the adapter only, not the 4-bit base every rank loaded
     trainer = method.build_trainer(recipe, model, tokenizer, prepared, kwargs, callbacks)
-    use_readable_progress(trainer)  # a readable line per logging step instead of the raw dict
+    progress = use_readable_progress(trainer)  # a readable line per logging step; times the training steps
     train_started = time.time()
-    with PeakMemory(loaded.device) as train_peak, stop:
-        result = trainer.train(resume_from_checkpoint=str(latest[1]) if latest else None)
+    stop.install()  # until run returns: a signal after the last step lets it finish, a second exits (resumable)
+    with PeakMemory(loaded.device) as train_peak:
+        try:
+            result = trainer.train(resume_from_checkpoint=str(latest[1]) if latest else None)
+        except AlreadyTrained:  # resumed from the last step's checkpoint (killed while finishing): only finish
+            result = nothing_left_to_train(trainer, tracking)
     train_seconds = time.time() - train_started
+    step_seconds = progress.step_seconds
     stopped = interrupted(saving, stop, output_dir, trainer.state.max_steps)
     if stopped is not None:  # not finished: no adapter, no metrics.json, so the same command resumes
         if expert_load is not None:
@@ -262,15 +289,21 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
         "steps": result.global_step,
         "tokens_trained": tokens,
         "world_size": world,
-        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
-        "tokens_per_second_per_device": tokens / train_seconds / world if train_seconds > 0 else None,
+        # over the training steps alone: evaluation, checkpoints and sample generation are timed apart
+        "tokens_per_second": tokens / step_seconds if step_seconds > 0 else None,
+        "tokens_per_second_per_device": tokens / step_seconds / world if step_seconds > 0 else None,
+        # a resumed run counts tokens and times steps in this process only: the steps after its checkpoint
+        "tokens_per_second_covers": {"from_step": latest[0] if latest else 0, "to_step": result.global_step},
         **({"adapter_checksum_by_rank": checksums} if checksums else {}),
-        "train_seconds": train_seconds,
+        "step_seconds": step_seconds,  # in training steps (forward, backward, optimizer)
+        "train_seconds": train_seconds,  # wall time of the training loop: steps, evaluation, checkpoints, samples
+        "sample_seconds": samples.seconds,
         "wall_seconds": time.time() - started,
         "peak_memory": train_peak.peak,
         "train_memory_added": train_peak.delta,  # peak above the level when training started (see memory.py)
         "peak_memory_kind": "cuda_max_allocated" if loaded.device.type == "cuda" else "process_rss",
         "load_peak_memory": loaded.load_peak_memory,
+        "load_memory_added": loaded.load_memory_added,  # host RSS above the start of loading, FSDP2 sharding included
         "model_bytes": loaded.report.model_bytes,
         "model_bytes_per_rank": local_bytes(model),  # rank 0's resident base bytes; under FSDP2 about 1/N
         "model_bytes_per_rank_by_group": local_bytes_by_group(model),
@@ -283,13 +316,20 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
         "data": prepared.stats,
         "versions": library_versions(),
     }
-    save_gathered_adapter(model, output_dir / "adapter", main_process)  # under FSDP2 all ranks gather it
+    staged = adapter_staging(output_dir, clear=main_process)  # renamed to adapter/ once whole (publish_run)
+    save_gathered_adapter(model, staged, main_process)  # under FSDP2 all ranks gather it
     if main_process:
-        tokenizer.save_pretrained(str(output_dir / "adapter"))
-        write_card(output_dir / "adapter", recipe, metrics, base)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+        tokenizer.save_pretrained(str(staged))
+        write_card(staged, recipe, metrics, base)
+        with stop.deferring_exit():  # a second signal now exits after the renames, not between them
+            publish_run(staged, output_dir, json.dumps(metrics, indent=2, default=str))
         if recipe.tracking.log_adapter:
             tracker.log_artifact(output_dir / "adapter")
     tracker.log({f"summary/{k}": v for k, v in metrics.items()}, step=result.global_step)
+    if recipe.evaluation is not None and main_process:  # base vs adapter on the model in memory: eval.json
+        from finetune.evaluate.run_eval import evaluate_after_training
+
+        eval_rows = prepared.eval if recipe.method == "sft" else None
+        evaluate_after_training(recipe, model, tokenizer, model_dir, eval_rows, tracker, result.global_step)
     tracker.close()
     return metrics

@@ -104,7 +104,7 @@ def invoke(command: str, setup: Setup):
 
 
 def assert_refused_by_both(setup: Setup) -> dict[str, str]:
-    """validate and run both exit 2 with the expected text, no traceback, nothing written; returns their output."""
+    """validate and run both exit 2 with the expected text, no traceback, nothing written; returns their stderr."""
     before = snapshot(setup.output_dir)
     outputs = {}
     for command in ("validate", "run"):
@@ -117,7 +117,9 @@ def assert_refused_by_both(setup: Setup) -> dict[str, str]:
         for text in setup.expect:
             assert text in result.output, shown
         assert snapshot(setup.output_dir) == before, f"{command} wrote into {setup.output_dir}"
-        outputs[command] = result.output
+        outputs[command] = result.stderr
+        if command == "validate" and result.stdout:  # a refused recipe that loaded is still printed, resolved
+            assert result.stdout.startswith(f"# {setup.recipe}: refused (see the error)"), shown
     # one place decides: both commands report the very same problems
     assert outputs["validate"] == outputs["run"]
     return outputs
@@ -785,6 +787,31 @@ def test_validate_and_run_agree_on_a_good_recipe(tmp_path, tiny_model_dir):
         assert not (tmp_path / "out").exists()
 
 
+EVALUATION_CASES = {
+    "missing data file": ("evaluation.data", ["TMP/absent.jsonl"], "evaluation.data[0]"),
+    "generation file without references": ("evaluation.generation", ["TMP/noref.jsonl"], "evaluation.generation[0]"),
+    "task file that does not parse": (
+        "evaluation.tasks",
+        ["TMP/broken.yaml"],
+        "broken.yaml:2: the task file is not valid YAML",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVALUATION_CASES))
+def test_evaluation_section_that_cannot_run(tmp_path, case):
+    """The `evaluation:` section's files and tasks are refused up front by both commands, naming the entry."""
+    (tmp_path / "noref.jsonl").write_text('{"prompt": "2+2="}\n')
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
+    key, value, expect = EVALUATION_CASES[case]
+    recipe = base_recipe(tmp_path)
+    recipe["evaluation"] = {key.split(".")[1]: [v.replace("TMP", str(tmp_path)) for v in value]}
+    setup = recipe_setup(tmp_path, recipe, [expect])
+    before = snapshot(tmp_path)
+    assert_refused_by_both(setup)
+    assert snapshot(tmp_path) == before
+
+
 def test_every_preflight_refusal_is_covered_by_the_corpus():
     """Each kind of check in finetune.preflight has cases here, so a new refusal cannot skip the contract."""
     import inspect
@@ -804,6 +831,7 @@ def test_every_preflight_refusal_is_covered_by_the_corpus():
         "data_problems": test_paths_that_point_at_no_usable_data_or_model,
         "chat_format_problems": test_broken_model_folders,  # mistral format without tokenizer.model
         "template_problems": test_chat_template_file_with_a_jinja_syntax_error,
+        "evaluation_problems": test_evaluation_section_that_cannot_run,
     }
     assert checks == set(covered), f"add corpus cases for {checks - set(covered)}"
 

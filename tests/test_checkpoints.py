@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,19 +262,122 @@ def test_step_end_saves_on_time_and_stops_on_a_signal():
     assert interrupted(timed, stop, Path("out"), 5) is None  # stopped at the last step: the run is finished
 
 
+def deliver(sig: int) -> None:
+    """Send `sig` to the main thread, where Python runs its handlers (os.kill lets any thread of a process that
+    imported torch take it, and the handler then runs whenever the main thread next checks)."""
+    signal.pthread_kill(threading.main_thread().ident, sig)
+
+
+def wait_until(condition, seconds: float = 60) -> bool:
+    """Poll `condition` (a bound on a hang only: it holds within microseconds when the code is right)."""
+    deadline = time.monotonic() + seconds
+    while not (held := condition()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return held
+
+
+# The child reports each step on stderr; it sends the second signal only once the first was handled.
+TWO_SIGNALS = """
+import signal, sys, threading, time
+from finetune.interrupt import StopOnSignal
+main = threading.main_thread().ident
+with StopOnSignal() as stop:
+    signal.pthread_kill(main, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while stop.signum is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    print(f"first handled: {stop.signum}", file=sys.stderr, flush=True)
+    signal.pthread_kill(main, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the second signal's handler exits the process
+        time.sleep(0.001)
+print("still running: the second signal was not acted on", file=sys.stderr, flush=True)
+"""
+
+
 def test_signals_first_is_recorded_second_exits_at_once():
     with StopOnSignal() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
+        deliver(signal.SIGINT)
+        assert wait_until(lambda: stop.signum is not None)
         assert stop.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-    code = (
-        "import os, signal, time\n"
-        "from finetune.interrupt import StopOnSignal\n"
-        "with StopOnSignal():\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(30)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 143
+    result = subprocess.run([sys.executable, "-c", TWO_SIGNALS], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert f"first handled: {int(signal.SIGTERM)}" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 143, result.stderr[-3000:]
     assert "SIGTERM received" in result.stderr and "exiting now, without a checkpoint" in result.stderr
+
+
+def test_a_second_signal_inside_deferring_exit_exits_after_the_block(monkeypatch, capsys):
+    """The renames that publish a finished run are not cut in two: the exit waits for the block's end."""
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # the handler's exit, recorded instead of ending pytest
+    with StopOnSignal() as stop:
+        stop.finishing = True
+        deliver(signal.SIGTERM)
+        assert wait_until(lambda: stop.signum is not None)
+        with stop.deferring_exit():
+            deliver(signal.SIGTERM)
+            assert wait_until(lambda: "exiting once the finished run is in place" in capsys.readouterr().err)
+            assert exits == []  # not inside the block
+        assert exits == [143]  # right after it
+        deliver(signal.SIGTERM)  # outside the block: at once
+        assert wait_until(lambda: exits == [143, 143])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_restores_signals_puts_back_the_handlers_however_the_function_ends():
+    from finetune.interrupt import restores_signals
+
+    @restores_signals
+    def train_then_fail():
+        StopOnSignal().install()  # as train.run: kept past training, never restored by itself
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError):
+        train_then_fail()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_after_the_last_step_the_first_signal_says_the_run_finishes(capsys):
+    stop = StopOnSignal()
+    control = CheckpointControl(stop, save_minutes=None, save_total_limit=None, recipe_text="")
+    args = SimpleNamespace(device="cpu", output_dir="unused", world_size=1)
+    state = SimpleNamespace(global_step=10, max_steps=10, is_world_process_zero=True)
+    control.on_step_end(args, state, TrainerControl())
+    assert stop.finishing
+    with stop:
+        deliver(signal.SIGTERM)
+        assert wait_until(lambda: stop.signum is not None)
+    err = capsys.readouterr().err
+    assert "SIGTERM received after the last step: finishing the final evaluation and the adapter first" in err
+    assert "saving a checkpoint" not in err
+
+
+def test_a_resume_from_the_last_steps_checkpoint_trains_nothing_and_keeps_the_logged_values():
+    """HF Trainer would take one optimizer step past max_steps; the run instead goes straight to finishing."""
+    from finetune.interrupt import AlreadyTrained, nothing_left_to_train
+
+    args = SimpleNamespace(device="cpu", output_dir="unused", world_size=1)
+    control = CheckpointControl(StopOnSignal(), save_minutes=None, save_total_limit=None, recipe_text="", resume_step=6)
+    control.on_train_begin(args, SimpleNamespace(global_step=6, max_steps=10, is_world_process_zero=True), None)
+    with pytest.raises(AlreadyTrained):
+        control.on_train_begin(args, SimpleNamespace(global_step=6, max_steps=6, is_world_process_zero=True), None)
+    assert control.stop.finishing
+
+    history = [
+        {"loss": 9.0, "num_tokens": 100.0, "step": 5},
+        {"eval_loss": 8.5, "step": 5},
+        {"loss": 8.0, "aux_loss": 0.1, "num_tokens": 200.0, "rewards/margins": 0.3, "step": 6},
+    ]
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=history, global_step=6))
+    tracking = SimpleNamespace(first_loss=10.0, last_loss=None, last_aux_loss=None, num_tokens=None, last_logs={})
+    result = nothing_left_to_train(trainer, tracking)
+    assert result.global_step == 6 and result.training_loss is None
+    assert (tracking.first_loss, tracking.last_loss, tracking.last_aux_loss, tracking.num_tokens) == (
+        10.0,
+        8.0,
+        0.1,
+        200,
+    )
+    assert tracking.last_logs["rewards/margins"] == 0.3 and "eval_loss" not in tracking.last_logs

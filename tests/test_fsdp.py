@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_resume import assert_same_adapter, complete_checkpoint, finish, run, start, wait_for
+from test_resume import assert_same_adapter, at_gate, finish, run, signal_gate, start, wait_for
 
 from finetune.checkpoints import MARKER, scan
 
@@ -61,6 +61,7 @@ def test_every_rank_holds_half_of_the_4bit_base(single, sharded):
     whole, mine = one["model_bytes_per_rank_by_group"], two["model_bytes_per_rank_by_group"]
     for group in ("experts", "attention", "embeddings", "lm_head"):  # the packed 4-bit experts themselves too
         assert 0.4 * whole[group] <= mine[group] <= 0.6 * whole[group], group
+    assert one["load_memory_added"] > 0 and two["load_memory_added"] > 0  # host RSS the loading phase added
 
 
 def test_sharded_run_trains_the_single_process_adapter(single, sharded):
@@ -170,8 +171,8 @@ def test_killed_sharded_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_
     reference, _, _ = sharded
     out = tmp_path / "killed"
     args = ["run", str(TINY), *reference_settings(tiny_model_dir, out, *SHARDED)]
-    proc = start(args, LAUNCH)
-    wait_for(complete_checkpoint(out, 2), proc)
+    proc = start(args, LAUNCH, signal_gate(tmp_path))  # step 3 waits there (for a signal that never comes)
+    wait_for(at_gate(out), proc)  # checkpoint-2 is complete and checkpoint-4 cannot be, however loaded the machine
     kill_all(proc)
     code, output = run(args, LAUNCH)
     assert code == 0, output[-3000:]
@@ -189,6 +190,8 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PA
         ({}, ["model.quantization=int8"], "model.quantization: int8 cannot be sharded by FSDP2"),
         ({"FSDP_VERSION": "1"}, [], "fsdp_version 1 is not supported; set fsdp_config.fsdp_version: 2"),
         ({"FSDP_OFFLOAD_PARAMS": "true"}, [], "fsdp_offload_params with a 4-bit model is not supported"),
+        ({}, ["training.optimizer=paged_adamw_8bit"], "set training.optimizer: adamw_torch"),
+        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, [], "set fsdp_cpu_ram_efficient_loading: false"),
     ],
 )
 def test_what_fsdp2_cannot_shard_is_refused_before_loading(monkeypatch, tmp_path, env, settings, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,43 @@ def test_report_on_a_folder_without_metrics_is_a_clean_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune.cli", "report", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 2 and "metrics.jsonl: not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_heatmap_scale_reaches_the_busiest_expert(tmp_path):
+    run = read_run(fake_run(tmp_path / "run", layers=3, experts=8, seed=4))
+    hot = [[0.34, 0.22] + [0.44 / 6] * 6] * 3  # the busiest expert gets 0.34, beyond 2/E = 0.25
+    rows = [r for r in run["rows"] if "moe/load" in r]
+    rows[-1]["moe/load"] = hot
+    images = [ax.get_images()[0] for ax in heatmaps_figure(run).axes if ax.get_images()]
+    assert len(images) == 2
+    for image in images:  # both panels on one scale that holds every cell, white still at the even load
+        assert image.norm.vmax >= 0.34 and image.norm.vmin == 0.0
+        assert image.norm.vmax == images[0].norm.vmax and abs(image.norm.vcenter - 1 / 8) < 1e-12
+
+
+def test_report_page_reads_for_people(tmp_path):
+    run = fake_run(tmp_path / "run", layers=2, experts=4, seed=5)
+    summary = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**summary, "method": "sft", "peak_memory": 1229737984}))
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 10, "perf/tokens_per_second": 15.5}) + "\n")
+    page = (write_report([run], tmp_path / "out") / "report.md").read_text()
+    assert "| peak_memory | 1.23 GB |" in page and "1229737984" not in page
+    assert "| method | sft |" in page and "## loss (sft: token cross-entropy)" in page
+    assert "## throughput (tokens/s)" in page
+
+
+def test_two_runs_name_their_heatmaps_and_split_losses_of_different_methods(tmp_path):
+    a = fake_run(tmp_path / "a", layers=2, experts=4, seed=6)
+    b = fake_run(tmp_path / "b", layers=2, experts=4, seed=7, dpo=True)
+    (a / "recipe.yaml").write_text("method: sft\n")  # the method from the resolved recipe when metrics.json lacks it
+    (b / "recipe.yaml").write_text("method: dpo\n")
+    out = write_report([a, b], tmp_path / "cmp")
+    page = (out / "report.md").read_text()
+    assert "## expert load of a, first and last logging step" in page
+    assert "## expert load of b, first and last logging step" in page
+    assert "different objectives (a: sft, b: dpo)" in page
+    assert (out / "loss_sft.png").is_file() and (out / "loss_dpo.png").is_file() and not (out / "loss.png").exists()
+    copy = shutil.copytree(a, tmp_path / "a2")
+    same = write_report([a, copy], tmp_path / "same")  # one method: one shared chart
+    assert (same / "loss.png").is_file() and "different objectives" not in (same / "report.md").read_text()

@@ -177,6 +177,95 @@ def paused(out: Path) -> Callable[[], bool]:
     return lambda: (out / "SAVE_PAUSED").exists()
 
 
+SIGNAL_GATE = """
+import sys, time
+from pathlib import Path
+import finetune.interrupt as interrupt
+
+GATE, HOLD = {gate}, {hold!r}
+
+def wait(condition):  # polled, so the signal handler runs within milliseconds; 600 s only bounds a hang
+    deadline = time.monotonic() + 600
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+real_step_end = interrupt.CheckpointControl.on_step_end
+def gated_step_end(self, args, state, control, **kwargs):  # the end of step GATE waits for the test's signal
+    if state.global_step == GATE:
+        Path(args.output_dir).parents[1].joinpath("AT_GATE").touch()  # in output_dir: the test signals now
+        wait(lambda: self.stop.signum is not None)
+    return real_step_end(self, args, state, control, **kwargs)
+interrupt.CheckpointControl.on_step_end = gated_step_end
+
+real_publish = interrupt.publish
+def held_publish(staged, step, *args, **kwargs):  # HOLD: the signal's checkpoint never completes (a slow disk)
+    if HOLD and step == GATE:
+        wait(lambda: False)
+    return real_publish(staged, step, *args, **kwargs)
+interrupt.publish = held_publish
+
+from finetune.cli import main
+sys.argv = ["finetune", *sys.argv[1:]]
+main()
+"""
+
+
+def signal_gate(tmp_path: Path, gate: int = 3, hold: bool = False) -> Path:
+    """A `finetune` entry script whose step `gate` ends only once a signal has arrived (it touches output_dir/AT_GATE
+    first), so the signal lands at a known step however loaded the machine; `hold`: that step's checkpoint is then
+    never published (the run can only end by a second signal)."""
+    script = tmp_path / f"signal_gate_{gate}_{hold}.py"
+    script.write_text(SIGNAL_GATE.format(gate=gate, hold=hold))
+    return script
+
+
+def at_gate(out: Path) -> Callable[[], bool]:
+    return lambda: (out / "AT_GATE").exists()
+
+
+def output_so_far(proc: subprocess.Popen) -> str:
+    return Path(proc.log.name).read_text()  # type: ignore[attr-defined]
+
+
+FINISH_SIGNAL = """
+import signal, sys, threading
+import transformers
+import finetune.moe.lora as lora
+
+WHERE, COUNT = {where!r}, {count}
+
+def sigterm():  # to the main thread, whose handler runs before pthread_kill returns: each one handled, in order
+    for _ in range(COUNT):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+real_loop = transformers.Trainer.evaluation_loop
+def evaluation_loop(self, *args, **kwargs):  # the final evaluation (no eval_steps: the only one)
+    if WHERE == "eval":
+        sigterm()
+    return real_loop(self, *args, **kwargs)
+transformers.Trainer.evaluation_loop = evaluation_loop
+
+real_save = lora.save_adapter
+def save_adapter(model, output_dir, *args, **kwargs):  # the final adapter: weights written, tokenizer and card not
+    real_save(model, output_dir, *args, **kwargs)
+    if WHERE == "write" and "checkpoint-" not in str(output_dir):
+        sigterm()
+lora.save_adapter = save_adapter
+
+from finetune.cli import main
+sys.argv = ["finetune", *sys.argv[1:]]
+main()
+"""
+
+
+def finish_signal(tmp_path: Path, where: str, count: int) -> Path:
+    """A `finetune` entry script that sends itself `count` SIGTERMs from inside the final evaluation (`eval`) or the
+    final adapter write (`write`): the point is in the code, not in time."""
+    script = tmp_path / f"finish_signal_{where}_{count}.py"
+    script.write_text(FINISH_SIGNAL.format(where=where, count=count))
+    return script
+
+
 # --- tests -----------------------------------------------------------------------------------------------------
 
 
@@ -219,8 +308,8 @@ def test_kill_between_rename_and_marker_leaves_no_checkpoint_resume_would_pick(t
 def test_sigterm_saves_exits_with_the_message_and_the_rerun_finishes_the_same(tmp_path, tiny_model_dir, reference):
     out = tmp_path / "term"
     args = run_args(tiny_model_dir, out)
-    proc = start(args)
-    wait_for(complete_checkpoint(out, 2), proc)
+    proc = start(args, script=signal_gate(tmp_path))  # step 3 ends once the signal is in: it cannot run to the end
+    wait_for(at_gate(out), proc)
     code, output = kill(proc, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "SIGTERM received: saving a checkpoint at the end of this step" in output
@@ -244,3 +333,51 @@ def test_sigterm_saves_exits_with_the_message_and_the_rerun_finishes_the_same(tm
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "already holds a finished run" in result.output
     assert (out / "metrics.json").read_bytes() == before and scan(out).latest is not None
+
+
+def test_a_second_sigterm_after_the_message_exits_at_once(tmp_path, tiny_model_dir):
+    """The promise "send it again to exit at once", as a scheduler sends it (to the process, not a thread): SIGTERM,
+    wait for the message, SIGTERM again, exit 143 within seconds. The first signal's checkpoint is held unpublished,
+    so only the second signal can end the run, whatever the load."""
+    out = tmp_path / "twice"
+    proc = start(run_args(tiny_model_dir, out), script=signal_gate(tmp_path, hold=True))
+    wait_for(at_gate(out), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    wait_for(lambda: "SIGTERM received: saving a checkpoint at the end of this step" in output_so_far(proc), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, output = finish(proc, timeout=60)  # a bound on a hang: the exit takes milliseconds
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert "SIGTERM again: exiting now, without a checkpoint" in output
+    assert scan(out).latest[0] == 2 and not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+
+def test_sigterm_during_the_final_evaluation_lets_the_run_finish(tmp_path, tiny_model_dir):
+    out = tmp_path / "eval"
+    args = run_args(tiny_model_dir, out, ["data.eval_fraction=0.05"])
+    code, output = finish(start(args, script=finish_signal(tmp_path, "eval", 1)))
+    assert code == 0, output[-3000:]
+    assert "SIGTERM received after the last step: finishing the final evaluation and the adapter first" in output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == MAX_STEPS and metrics["eval_loss"] is not None  # the evaluation ran to its end
+    names = {p.name for p in (out / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer_config.json"} <= names
+    assert not (out / ".adapter.partial").exists() and "Traceback" not in output
+
+
+def test_two_sigterms_during_the_adapter_write_leave_a_resumable_folder(tmp_path, tiny_model_dir, reference):
+    """The second signal exits before adapter/ and metrics.json appear: no half-written adapter, nothing that reads
+    as a finished run; the same command resumes from the last checkpoint and ends with the uninterrupted adapter."""
+    out = tmp_path / "write"
+    args = run_args(tiny_model_dir, out)
+    code, output = finish(start(args, script=finish_signal(tmp_path, "write", 2)))
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert "SIGTERM again: exiting now, before the adapter is in place; the same command resumes" in output
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    assert scan(out).latest[0] == MAX_STEPS
+
+    code, output = run(args)
+    assert code == 0, output[-3000:]
+    assert f"resuming from checkpoints/checkpoint-{MAX_STEPS} (step {MAX_STEPS} of {MAX_STEPS})" in output
+    assert json.loads((out / "metrics.json").read_text())["steps"] == MAX_STEPS
+    assert_same_adapter(reference / "adapter", out / "adapter")
+    assert not (out / ".adapter.partial").exists()

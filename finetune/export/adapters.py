@@ -46,6 +46,7 @@ class ExportSummary:
     projections: tuple[str, ...]  # w1/w2/w3 written
     copied: int  # tensors copied unchanged (attention LoRA, router)
     router: bool  # the adapter carries a trained router (modules_to_save)
+    copied_router: int = 0  # of `copied`, the router's tensors
 
 
 def find_adapter(run_dir: Path) -> Path:
@@ -218,7 +219,8 @@ def export_per_expert(run_dir, output, *, overwrite: bool = False) -> ExportSumm
         shutil.rmtree(tmp, ignore_errors=True)
     names = tuple(w for p in experts for w in PER_EXPERT_NAMES[p])
     router = bool(config.get("modules_to_save"))
-    return ExportSummary(output, layers, n_experts, rank, names, copied, router)
+    copied_router = sum(1 for key in new_tensors if ".mlp.gate." in key)  # the router is copied, never split
+    return ExportSummary(output, layers, n_experts, rank, names, copied, router, copied_router)
 
 
 def export_adapter(run_dir, output, *, layout: str = "per-expert", overwrite: bool = False) -> ExportSummary:
@@ -226,6 +228,13 @@ def export_adapter(run_dir, output, *, layout: str = "per-expert", overwrite: bo
     if layout not in LAYOUTS:
         raise UserError(f"--layout: {layout!r} is not a known layout; choose one of {', '.join(LAYOUTS)}")
     return export_per_expert(run_dir, output, overwrite=overwrite)
+
+
+def copied_text(copied: int, router: int) -> str:
+    """`16 attention LoRA tensors, 2 router tensors`: only what was copied."""
+    parts = [f"{copied - router} attention LoRA tensors"] if copied - router else []
+    parts += [f"{router} router tensors (trained, modules_to_save)"] if router else []
+    return ", ".join(parts) or "nothing"
 
 
 def summary_lines(summary: ExportSummary) -> list[str]:
@@ -238,11 +247,16 @@ def summary_lines(summary: ExportSummary) -> list[str]:
         )
     else:
         lines.append("experts: the adapter has no expert LoRA; written unchanged")
-    lines.append(f"copied unchanged: {summary.copied} tensors (attention LoRA, router)")
+    lines.append(f"copied unchanged: {copied_text(summary.copied, summary.copied_router)}")
     if summary.router:
         lines.append(
             "note: the adapter trains the router (modules_to_save mlp.gate); vLLM refuses modules_to_save, "
             "so serve a merged model (finetune merge) to keep it"
+        )
+    if {"w1", "w3"} <= set(summary.projections):
+        lines.append(
+            "note: stock PEFT (0.21) on transformers v5 fuses w1/w3 into gate_up_proj at rank 2r and alpha 2x (the "
+            "same scale), then warns that its own key '.*\\.gate_up_proj' matched no module: that warning is false"
         )
     if set(summary.projections) == {"w1", "w3"}:
         lines.append(

@@ -90,7 +90,13 @@ def resolve_inputs(source: Path, base: str | None) -> MergeInputs:
     if not name:
         raise UserError(f"{adapter_dir}: the adapter does not name its base model; pass --base PATH")
     revision = None if base else adapter_config.get("revision")
-    base_dir = resolve_model_dir(name, revision=revision)
+    if base:
+        what = "--base"
+    elif adapter_config.get("base_model_name_or_path"):
+        what = f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path"
+    else:
+        what = f"{run_dir / 'recipe.yaml'}: model.path"
+    base_dir = resolve_model_dir(name, revision=revision, what=what)
     if not (base_dir / "config.json").is_file():
         raise UserError(f"--base: {base_dir} has no config.json; is it a transformers model folder?")
     metrics = _read_json(run_dir / "metrics.json") if run_dir is not None else {}

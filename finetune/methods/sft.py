@@ -13,7 +13,18 @@ def build_trainer(recipe, model, tokenizer, prepared, args: dict[str, Any], call
     from finetune.sharding import GatheredAdapterSave
 
     class Trainer(GatheredAdapterSave, SFTTrainer):
-        """SFTTrainer whose FSDP2 checkpoints gather only the adapter."""
+        """SFTTrainer whose FSDP2 checkpoints gather only the adapter, and whose eval_loss is the LM loss alone."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """TRL adds router_aux_loss_coef x aux to the loss it reports in evaluation too; a held-out loss must be
+            the language-model loss alone. The aux loss is still computed and logged (eval_aux_loss)."""
+            if self.model.training or not self.aux_loss_enabled:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            coef, self.router_aux_loss_coef = self.router_aux_loss_coef, 0.0
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self.router_aux_loss_coef = coef
 
     return Trainer(
         model=model,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from finetune.errors import UserError
-from finetune.moe.peft_model import MixtralPeftModel
+from finetune.moe.peft_model import MixtralPeftModel, write_expert_ranks
 from finetune.moe.quantized import PROJECTIONS, ExpertLoraFactors, QuantizedExperts
 
 EXPERT_PREFIX = "mlp.experts."
@@ -186,11 +186,7 @@ def _build(
     if experts:
         saved.target_parameters = [EXPERT_PREFIX + p for p in PROJECTIONS if p in experts]
         saved.lora_dropout = 0.0
-        for proj, (expert_r, expert_alpha) in experts.items():
-            if expert_r != r:
-                saved.rank_pattern[EXPERT_PREFIX + proj] = expert_r
-            if expert_alpha != alpha:
-                saved.alpha_pattern[EXPERT_PREFIX + proj] = expert_alpha
+        write_expert_ranks(saved, {p: experts[p] for p in PROJECTIONS if p in experts})
     return peft_model
 
 

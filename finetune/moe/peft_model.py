@@ -23,6 +23,35 @@ def _expert_layers(model):
     return [m for m in model.modules() if isinstance(m, ExpertLoraLayer)]
 
 
+def write_expert_ranks(config, experts: dict[str, tuple[int, float]]) -> None:
+    """Put the experts' rank and alpha in the saved config where stock PEFT reads them without a false warning.
+
+    Stock PEFT (0.21) applies rank_pattern/alpha_pattern to `target_parameters`, but warns that every key matching
+    no *module* of `target_modules` "was ignored": an expert key such as 'mlp.experts.down_proj' always warns, and a
+    key that also matched an attention module would give it the expert rank. So the config's `r`/`lora_alpha` are
+    the experts' and attention keeps its own through one pattern key per target module name ('q_proj'), which the
+    check accepts. Only projections whose rank or alpha differs from the first one still need an expert key.
+    """
+    if not experts:
+        return
+    r, alpha = next(iter(experts.values()))
+    ranks, alphas = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
+    attention = config.target_modules
+    names = [attention] if isinstance(attention, str) else sorted(attention or [])
+    for name in names:  # after any more specific key already there: the first matching key wins
+        if config.r != r:
+            ranks.setdefault(name, config.r)
+        if config.lora_alpha != alpha:
+            alphas.setdefault(name, config.lora_alpha)
+    config.r, config.lora_alpha = r, alpha
+    for proj, (expert_r, expert_alpha) in experts.items():
+        if expert_r != r:
+            ranks[EXPERT_PREFIX + proj] = expert_r
+        if expert_alpha != alpha:
+            alphas[EXPERT_PREFIX + proj] = expert_alpha
+    config.rank_pattern, config.alpha_pattern = ranks, alphas
+
+
 def pattern_value(patterns: dict, target: str, default):
     """PEFT's rank/alpha pattern lookup: a key matches a module or parameter name ending in it (regex allowed)."""
     for key, value in (patterns or {}).items():
@@ -58,6 +87,13 @@ class MixtralPeftModel(PeftModelForCausalLM):
         if adapter_name in self.peft_config:
             kwargs["autocast_adapter_dtype"] = False
         return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, save_embedding_layers="auto", **kwargs) -> None:
+        """Every save, the Trainer's checkpoints included, leaves the embeddings out: we never train or resize them,
+        and PEFT's "auto" check would look the base up on the hub (a network reach and a warning on every save)."""
+        if save_embedding_layers == "auto":
+            save_embedding_layers = False
+        super().save_pretrained(save_directory, *args, save_embedding_layers=save_embedding_layers, **kwargs)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)

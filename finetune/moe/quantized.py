@@ -11,6 +11,7 @@ Quantised data and quantisation statistics are frozen parameters of integer dtyp
 their int32 bit patterns). As parameters, FSDP2 shards them like any weight (each rank holds 1/N of the experts and
 gathers one layer at a time); as integers, mixed precision never casts them and `.to(dtype)` leaves them alone.
 A bitsandbytes `QuantState` is rebuilt from them on every dequantisation.
+`held` makes a module that stores only some experts (one FSDP2 rank's shard, loaded as such; see `expert_shard`).
 Optional per-expert LoRA factors (see `finetune.moe.lora`) are applied split-style inside the routed forward.
 """
 
@@ -29,6 +30,40 @@ QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 FOUR_BIT = ("nf4", "fp4")
 PROJECTIONS = ("gate_up_proj", "down_proj")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for double-quantised absmax
+SHARED_STATS = ("quant_map",)  # statistics shared by all experts: not indexed by expert, kept whole
+
+
+def dim0_shard(size: int, rank: int, world: int) -> range:
+    """The rows of a dim-0 size `size` that FSDP2 gives `rank` of `world`: torch.chunk's split, ceil(size/world)
+    rows per rank, the last ranks fewer or none (FSDP2 pads them)."""
+    step = math.ceil(size / world)
+    return range(min(size, rank * step), min(size, (rank + 1) * step))
+
+
+def expert_shard(num_experts: int, rank: int, world: int) -> range:
+    """The experts one FSDP2 rank holds (dim 0 of every expert tensor is the expert index)."""
+    return dim0_shard(num_experts, rank, world)
+
+
+def int8_kernel_dtype(device: torch.device) -> torch.dtype:
+    """The input dtype bitsandbytes' `int8_vectorwise_quant` gets: float16 wherever a device kernel runs (the CUDA
+    kernel refuses anything else: "A must be float16"), float32 on the CPU, whose pure-torch kernel takes it."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def int8_quantize(w: torch.Tensor, kernel_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 codes and float32 row scales of a [rows, cols] weight, through bitsandbytes' kernel.
+
+    Each row is first divided by a power of two that brings its absmax into [1, 2). That is exact in binary floating
+    point, so float32 codes are unchanged, and float16 neither overflows (above 65504) nor flushes small rows to zero.
+    The row scale is the row's exact absmax (the kernel's own is float16-rounded on CUDA). Float16 rounds ~1% of
+    the codes by one step against float32, well inside int8's own error.
+    """
+    kernel_dtype = kernel_dtype or int8_kernel_dtype(w.device)
+    absmax = w.detach().abs().amax(dim=1, keepdim=True).float()
+    pow2 = torch.exp2(torch.floor(torch.log2(absmax.clamp(min=torch.finfo(torch.float32).tiny))))
+    data, _, _ = bnbf.int8_vectorwise_quant((w.float() / pow2).to(kernel_dtype).contiguous())
+    return data, absmax.view(-1)
 
 
 @dataclass
@@ -74,6 +109,10 @@ class QuantizedExperts(nn.Module):
     `quantization`: "nf4"/"fp4" (4-bit blockwise, optional double quantisation), "int8" (per-row absmax), or "none"
     (plain weights in `dtype`, same module and LoRA path). Weights are filled expert by expert with `set_expert`
     (or all at once with `load_stacked`); `is_complete()` says whether every slot was filled.
+
+    `held` (default: all) is the range of experts this module stores: one FSDP2 rank's shard (`expert_shard`), so a
+    rank never holds, reads or quantises the others. Such a module only computes once `finetune.sharding` has turned
+    its storage into FSDP2 parameters of the full shape (`sharded_storage` / `adopt_sharded`).
     """
 
     def __init__(
@@ -88,6 +127,7 @@ class QuantizedExperts(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
         hidden_act: str = "silu",
+        held: range | None = None,
     ):
         super().__init__()
         if quantization not in QUANTIZATIONS:
@@ -104,7 +144,10 @@ class QuantizedExperts(nn.Module):
             "gate_up_proj": (2 * intermediate_size, hidden_size),
             "down_proj": (hidden_size, intermediate_size),
         }
-        self._filled = {proj: [False] * num_experts for proj in PROJECTIONS}
+        self.held = range(num_experts) if held is None else held
+        if self.held.step != 1 or self.held.start < 0 or self.held.stop > num_experts:
+            raise ValueError(f"held must be a contiguous range of experts within 0..{num_experts}, got {self.held}")
+        self._filled = {proj: [False] * len(self.held) for proj in PROJECTIONS}
         for proj in PROJECTIONS:
             self._allocate(proj, torch.device(device))
 
@@ -112,7 +155,7 @@ class QuantizedExperts(nn.Module):
 
     def _allocate(self, proj: str, device: torch.device) -> None:
         rows, cols = self.shapes[proj]
-        n, e = rows * cols, self.num_experts
+        n, e = rows * cols, len(self.held)
 
         def buf(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
             if dtype == torch.float32 and self.quantization != "none":  # statistics: bit patterns, see `_stat`
@@ -138,10 +181,13 @@ class QuantizedExperts(nn.Module):
             buf("weight", (e, rows, cols), self.dtype)
 
     def set_expert(self, proj: str, expert: int, weight: torch.Tensor) -> None:
-        """Quantise one expert's [out, in] weight into its slot (on this module's device)."""
+        """Quantise one expert's [out, in] weight into its slot (on this module's device); `expert` is its global index."""
         rows, cols = self.shapes[proj]
         if tuple(weight.shape) != (rows, cols):
             raise ValueError(f"{proj} of expert {expert}: expected shape {(rows, cols)}, got {tuple(weight.shape)}")
+        if expert not in self.held:
+            raise ValueError(f"{proj}: expert {expert} is not held here (this module stores experts {self.held})")
+        slot = expert - self.held.start
         device = self._storage(proj, "data" if self.quantization != "none" else "weight").device
         w = weight.to(device)
         with torch.no_grad():
@@ -152,39 +198,89 @@ class QuantizedExperts(nn.Module):
                     compress_statistics=self.double_quant,
                     quant_type=self.quantization,
                 )
-                self._storage(proj, "data")[expert].copy_(packed.view(-1))
+                self._storage(proj, "data")[slot].copy_(packed.view(-1))
                 self._stat(proj, "quant_map").copy_(state.code)
-                self._absmax(proj)[expert].copy_(state.absmax)
+                self._absmax(proj)[slot].copy_(state.absmax)
                 if self.double_quant:
-                    self._stat(proj, "nested_absmax")[expert].copy_(state.state2.absmax)
-                    self._stat(proj, "nested_code")[expert].copy_(state.state2.code)
-                    self._stat(proj, "offset")[expert].copy_(state.offset)
+                    self._stat(proj, "nested_absmax")[slot].copy_(state.state2.absmax)
+                    self._stat(proj, "nested_code")[slot].copy_(state.state2.code)
+                    self._stat(proj, "offset")[slot].copy_(state.offset)
             elif self.quantization == "int8":
-                data, scale, _ = bnbf.int8_vectorwise_quant(w.float().contiguous())
-                self._storage(proj, "data")[expert].copy_(data)
-                self._stat(proj, "scale")[expert].copy_(scale)
+                data, scale = int8_quantize(w)
+                self._storage(proj, "data")[slot].copy_(data)
+                self._stat(proj, "scale")[slot].copy_(scale)
             else:
-                self._storage(proj, "weight")[expert].copy_(w)
-        self._filled[proj][expert] = True
+                self._storage(proj, "weight")[slot].copy_(w)
+        self._filled[proj][slot] = True
 
     def load_stacked(self, proj: str, stacked: torch.Tensor) -> None:
-        """Fill all experts of `proj` from a fused [E, out, in] tensor, one expert at a time."""
+        """Fill the held experts of `proj` from a fused [E, out, in] tensor, one expert at a time."""
         if stacked.shape[0] != self.num_experts:
             raise ValueError(f"{proj}: expected {self.num_experts} experts, got {stacked.shape[0]}")
-        for e in range(self.num_experts):
+        for e in self.held:
             self.set_expert(proj, e, stacked[e])
 
     def is_complete(self) -> bool:
+        """Every held slot filled (under FSDP2 each rank checks its own shard)."""
         return all(all(flags) for flags in self._filled.values())
 
     def missing(self) -> list[str]:
-        return [f"{proj}[{e}]" for proj, flags in self._filled.items() for e, ok in enumerate(flags) if not ok]
+        start = self.held.start
+        return [f"{proj}[{start + e}]" for proj, flags in self._filled.items() for e, ok in enumerate(flags) if not ok]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         for proj in PROJECTIONS:
             if f"{prefix}{proj}_{'weight' if self.quantization == 'none' else 'data'}" in state_dict:
-                self._filled[proj] = [True] * self.num_experts
+                self._filled[proj] = [True] * len(self.held)
+
+    def full_nbytes(self) -> list[tuple[torch.Tensor, int]]:
+        """(storage parameter, bytes it has with all experts): the whole stack's size, also from one rank's shard."""
+        out = []
+        for name, param in self.named_parameters(recurse=False):
+            n = param.numel() * param.element_size()  # a DTensor's numel is already the full one
+            shared = name.removeprefix("gate_up_proj_").removeprefix("down_proj_") in SHARED_STATS
+            if not shared and not hasattr(param, "to_local"):
+                n = math.prod(param.shape[1:]) * self.num_experts * param.element_size()
+            out.append((param, n))
+        return out
+
+    # ---- FSDP2: a rank's shard loaded as such ------------------------------------------------------------------
+
+    def sharded_storage(self, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """Hand this module's storage over for FSDP2 sharding without ever forming the full expert stack.
+
+        Every storage parameter is replaced by a meta tensor of the full [E, ...] shape (what `fully_shard` shards:
+        meta stays meta), and the returned tensors are this rank's dim-0 chunk of each, as `fully_shard` will lay
+        them out: the held experts, and the rank's slice of the shared statistics. `adopt_sharded` puts them back.
+        """
+        if self.held != expert_shard(self.num_experts, rank, world):
+            raise ValueError(f"experts {self.held} are not rank {rank}'s shard of {self.num_experts} over {world}")
+        local = {}
+        for name, param in list(self.named_parameters(recurse=False)):
+            shared = name.removeprefix("gate_up_proj_").removeprefix("down_proj_") in SHARED_STATS
+            full = param.shape if shared else (self.num_experts, *param.shape[1:])
+            rows = dim0_shard(param.shape[0], rank, world)
+            local[name] = param.data[rows.start : rows.stop] if shared else param.data
+            meta = torch.empty(full, dtype=param.dtype, device="meta")
+            self.register_parameter(name, nn.Parameter(meta, requires_grad=False))
+        self.held = range(self.num_experts)  # from here on the module computes on FSDP2's gathered full storage
+        return local
+
+    def adopt_sharded(self, local: dict[str, torch.Tensor]) -> None:
+        """After `fully_shard`: materialise this rank's shard of each (meta) DTensor parameter and fill it with the
+        quantised data from `sharded_storage` (FSDP2's documented meta-device initialisation: `to_empty`, then
+        write each local shard)."""
+        device = next(iter(local.values())).device
+        self.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            for name, tensor in local.items():
+                target = getattr(self, name)
+                target = target.to_local() if hasattr(target, "to_local") else target
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise RuntimeError(f"{name}: FSDP2's shard is {tuple(target.shape)}, ours {tuple(tensor.shape)}")
+                target.copy_(tensor)
+        self._filled = {proj: [True] * self.num_experts for proj in PROJECTIONS}
 
     def _storage(self, proj: str, name: str) -> torch.Tensor:
         return getattr(self, f"{proj}_{name}")
@@ -201,6 +297,7 @@ class QuantizedExperts(nn.Module):
         """One expert's [out, in] weight in `dtype` (default: the module dtype). Allocates only that expert."""
         dtype = dtype or self.dtype
         rows, cols = self.shapes[proj]
+        expert -= self.held.start  # the storage holds experts `held` (all of them once gathered by FSDP2)
         if self.quantization in FOUR_BIT:
             state2 = None
             offset = None
@@ -229,8 +326,8 @@ class QuantizedExperts(nn.Module):
         return self._storage(proj, "weight")[expert].to(dtype)
 
     def dequantized_stack(self, proj: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole [E, out, in] stack (for references, tests and merges only; never used in training)."""
-        return torch.stack([self.dequantize(proj, e, dtype) for e in range(self.num_experts)])
+        """The [E, out, in] stack of the held experts (for references, tests and merges only; never in training)."""
+        return torch.stack([self.dequantize(proj, e, dtype) for e in self.held])
 
     @property
     def num_base_params(self) -> int:
@@ -297,4 +394,5 @@ class QuantizedExperts(nn.Module):
         return (
             f"num_experts={self.num_experts}, hidden={self.hidden_dim}, ffn={self.intermediate_dim}, "
             f"quantization={self.quantization}, blocksize={self.blocksize}, double_quant={self.double_quant}"
+            + (f", held={self.held.start}..{self.held.stop - 1}" if len(self.held) != self.num_experts else "")
         )

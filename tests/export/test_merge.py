@@ -184,8 +184,8 @@ def test_a_kill_during_the_merge_leaves_no_out(mixtral_shaped, tmp_path):
         [sys.executable, "-m", "finetune.cli", "merge", str(adapter), "-o", str(out), "--base", str(base)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(tmp_path.glob(".merged.merging-*/part-*")):
+    deadline = time.monotonic() + 600  # bounds a hang only; the merge then still writes every shard and verifies
+    while time.monotonic() < deadline and not any(tmp_path.glob(".merged.merging-*/part-*")):
         time.sleep(0.05)
     assert any(tmp_path.glob(".merged.merging-*/part-*")), "the merge never started writing"
     os.kill(proc.pid, signal.SIGKILL)

@@ -77,8 +77,10 @@ def test_stock_peft_loads_our_adapter_and_reproduces_logits(
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert config["modules_to_save"] == ["mlp.gate"]
-    assert config["rank_pattern"] == {"mlp.experts.gate_up_proj": 2, "mlp.experts.down_proj": 2}
-    assert config["alpha_pattern"] == {"mlp.experts.gate_up_proj": 6, "mlp.experts.down_proj": 6}
+    # the experts' rank and alpha are the defaults, attention's are patterns (stock PEFT warns on expert keys)
+    assert (config["r"], config["lora_alpha"]) == (2, 6)
+    assert config["rank_pattern"] == {"q_proj": 4, "v_proj": 4}
+    assert config["alpha_pattern"] == {"q_proj": 8, "v_proj": 8}
     assert config["lora_dropout"] == 0.0  # stock PEFT refuses target_parameters with dropout
 
     if quantization == "none":
