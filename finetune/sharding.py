@@ -135,8 +135,8 @@ def load_sharding(device: torch.device, dtype: torch.dtype) -> LoadSharding | No
 
     None outside FSDP2, and for multi-dimensional meshes (HSDP, TP: `parallelism_config`), which load whole and let
     accelerate shard later (`expert_staging_device`)."""
-    if not fsdp_launch():
-        return None
+    if not fsdp_launch() or os.environ.get("FINETUNE_SHARD_AT_LOAD", "0") != "1":
+        return None  # load-time sharding is opt-in until its optimizer-step dtype bug is fixed (see the note)
     accelerator = fsdp_accelerator(device, dtype)
     if not accelerator.is_fsdp2:
         return None
