@@ -167,8 +167,8 @@ def shard_loaded(model: nn.Module, sharding: LoadSharding) -> nn.Module:
     experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
     local = {m: m.sharded_storage(sharding.rank, sharding.world) for m in experts}
     model = fsdp2_prepare_model(sharding.accelerator, model)
-    for module, tensors in local.items():
-        module.adopt_sharded(tensors)
+    for module in experts:  # one module's loaded shard and its FSDP2 copy at a time, never all of both
+        module.adopt_sharded(local.pop(module))
     return model
 
 

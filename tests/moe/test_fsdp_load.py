@@ -7,6 +7,7 @@ Runs tests/moe/fsdp_load_worker.py through `accelerate launch`, as `finetune run
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,12 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", s
 def ranks(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_load") / "result"
     run = subprocess.run(
-        [*LAUNCH, str(WORKER), str(tiny_dir), "nf4", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT
+        [*LAUNCH, str(WORKER), str(tiny_dir), "nf4", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "FINETUNE_SHARD_AT_LOAD": "1"},  # load-time sharding is opt-in (finetune.sharding)
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
