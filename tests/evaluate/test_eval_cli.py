@@ -18,7 +18,8 @@ from finetune.tiny import TinySpec, write_tiny_model
 
 def test_eval_of_a_run_folder_repeats_the_figures_of_the_run(eval_run, tmp_path):
     """`finetune eval RUN_DIR` loads base + adapter/ from the run folder; `finetune run` evaluated the trained model
-    in memory. Same weights, same records: the same per-record NLL (fp32 summation order aside)."""
+    in memory. Same weights, same records: the same per-record NLL, up to the adapter's dtype: TRL keeps a QLoRA
+    adapter in bf16 during training, the reload computes it in fp32 (bf16 rounding of the LoRA term, ~1e-4)."""
     out = tmp_path / "again"
     result = runner.invoke(app, ["eval", str(eval_run), "--limit", "8", "-o", str(out)])
     assert result.exit_code == 0, result.output[-3000:]
@@ -30,7 +31,7 @@ def test_eval_of_a_run_folder_repeats_the_figures_of_the_run(eval_run, tmp_path)
     assert len(records) == 8
     for record in records:
         for column in ("base", "adapter"):
-            assert record[f"{column}_nll"] == pytest.approx(first[record["where"]][f"{column}_nll"], rel=1e-5)
+            assert record[f"{column}_nll"] == pytest.approx(first[record["where"]][f"{column}_nll"], rel=1e-3)
     assert len(again["generation"][GENERATION_FILE.name]["records"]) == 8
     refused = runner.invoke(app, ["eval", str(eval_run)])  # eval.json is there: never replaced silently
     assert refused.exit_code == 2 and "--overwrite" in refused.stderr
