@@ -135,8 +135,8 @@ def load_sharding(device: torch.device, dtype: torch.dtype) -> LoadSharding | No
 
     None outside FSDP2, and for multi-dimensional meshes (HSDP, TP: `parallelism_config`), which load whole and let
     accelerate shard later (`expert_staging_device`)."""
-    if not fsdp_launch() or os.environ.get("FINETUNE_SHARD_AT_LOAD", "0") != "1":
-        return None  # load-time sharding is opt-in until its optimizer-step dtype bug is fixed (see the note)
+    if not fsdp_launch():
+        return None
     accelerator = fsdp_accelerator(device, dtype)
     if not accelerator.is_fsdp2:
         return None
@@ -145,6 +145,19 @@ def load_sharding(device: torch.device, dtype: torch.dtype) -> LoadSharding | No
     import torch.distributed as dist
 
     return LoadSharding(accelerator, dist.get_rank(), dist.get_world_size())
+
+
+def adapter_to_trl_dtype(model: nn.Module) -> None:
+    """Cast the adapter of a quantised model to bf16, as TRL's SFT, DPO and KTO trainers do when they are built
+    (`param.data = param.data.to(torch.bfloat16)` for every trainable parameter but DoRA's magnitude; QLoRA's recipe).
+
+    Sharded at load, the adapter is already FSDP2's DTensors when the trainer is built: TRL's cast then changes the
+    DTensor's dtype but not its local shard, and the first optimizer step fails (`expected dtype float ... got
+    BFloat16`). Cast before sharding, the same rule leaves TRL's own cast nothing to change.
+    """
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(torch.bfloat16)
 
 
 def shard_loaded(model: nn.Module, sharding: LoadSharding) -> nn.Module:
@@ -164,6 +177,8 @@ def shard_loaded(model: nn.Module, sharding: LoadSharding) -> nn.Module:
                 module, reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
                 mp_policy=fp32,
             )  # fmt: skip
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        adapter_to_trl_dtype(model)
     experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
     local = {m: m.sharded_storage(sharding.rank, sharding.world) for m in experts}
     model = fsdp2_prepare_model(sharding.accelerator, model)

@@ -59,3 +59,12 @@ def test_shipped_task_is_known_by_name_and_by_path():
     assert not problems and by_name[0].folder == SAMPLES.resolve() and not by_name[0].builtin
     by_path, problems = resolve_tasks([str(SAMPLES)])  # a folder: every task file in it
     assert not problems and [s.spec for s in by_path] == [by_name[0].spec]
+
+
+def test_generator_reproduces_the_shipped_eval_samples(tmp_path, monkeypatch):
+    from data_tools.samples import make_tiny_eval
+
+    monkeypatch.setattr(make_tiny_eval, "HERE", tmp_path)
+    make_tiny_eval.main()
+    for name in ("tiny_arith_mc.jsonl", "tiny_generation.jsonl"):
+        assert (tmp_path / name).read_bytes() == (SAMPLES / name).read_bytes(), name

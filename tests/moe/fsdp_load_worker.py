@@ -22,7 +22,7 @@ from finetune.moe.loading import load_mixtral
 from finetune.moe.lora import apply_lora
 from finetune.moe.quantized import QuantizedExperts
 from finetune.recipe import load_recipe
-from finetune.sharding import local_bytes
+from finetune.sharding import adapter_to_trl_dtype, local_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,6 +71,7 @@ def main(model_dir: str, quantization: str, out: str) -> None:
         expert_r=recipe.lora.expert_r,
         expert_alpha=recipe.lora.expert_alpha,
     )
+    adapter_to_trl_dtype(reference)  # as shard_loaded did to the sharded adapter, and TRL's trainers do to both
     seeded_lora(model)
     seeded_lora(reference)
     model.train()
@@ -118,6 +119,8 @@ def main(model_dir: str, quantization: str, out: str) -> None:
         "shards_equal_reference": shards_equal,
         "router_is_own_unit": all(isinstance(layer.mlp.gate, FSDPModule) for layer in layers),
         "router_weight_dtype": str(layers[0].mlp.gate.weight.dtype),
+        "adapter_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
+        "adapter_local_dtypes": sorted({str(p.to_local().dtype) for p in model.parameters() if p.requires_grad}),
         "loss_ref": loss_ref.item(),
         "loss": loss.item(),
         "max_grad_diff": max(diffs.values()),
