@@ -236,14 +236,7 @@ def nothing_left_to_train(trainer, tracking) -> TrainOutput:
     for row in trainer.state.log_history:
         if any(key.startswith("eval_") for key in row):
             continue
-        tracking.last_logs.update(row)
-        if "loss" in row:
-            tracking.first_loss = row["loss"] if tracking.first_loss is None else tracking.first_loss
-            tracking.last_loss = row["loss"]
-        if "aux_loss" in row:
-            tracking.last_aux_loss = row["aux_loss"]
-        if "num_tokens" in row:
-            tracking.num_tokens = row["num_tokens"]
+        tracking.remember(row)
     return TrainOutput(trainer.state.global_step, None, {})  # type: ignore[arg-type]
 
 

@@ -396,6 +396,13 @@ class TrackingCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
+        self.remember(logs)
+        if "loss" in logs:
+            logs.update(self.step_metrics(args))
+        self.tracker.log(logs, step=state.global_step)
+
+    def remember(self, logs: dict[str, Any]) -> None:
+        """Keep the figures metrics.json reports from one logged row (also replayed from a checkpoint's history)."""
         (self.eval_logs if any(k.startswith("eval_") for k in logs) else self.last_logs).update(logs)
         if "loss" in logs:
             self.first_loss = logs["loss"] if self.first_loss is None else self.first_loss
@@ -406,9 +413,6 @@ class TrackingCallback(TrainerCallback):
             self.eval_loss = logs["eval_loss"]
         if "num_tokens" in logs:
             self.num_tokens = logs["num_tokens"]
-        if "loss" in logs:
-            logs.update(self.step_metrics(args))
-        self.tracker.log(logs, step=state.global_step)
 
     def step_metrics(self, args) -> dict[str, Any]:
         """Throughput, memory and routing since the previous logging step (one host read of the router counts)."""

@@ -371,7 +371,10 @@ def test_a_resume_from_the_last_steps_checkpoint_trains_nothing_and_keeps_the_lo
         {"loss": 8.0, "aux_loss": 0.1, "num_tokens": 200.0, "rewards/margins": 0.3, "step": 6},
     ]
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=history, global_step=6))
-    tracking = SimpleNamespace(first_loss=10.0, last_loss=None, last_aux_loss=None, num_tokens=None, last_logs={})
+    from finetune.tracking import Tracker, TrackingCallback
+
+    tracking = TrackingCallback(Tracker([]))  # the run's own callback, as the checkpoint's first run left it
+    tracking.first_loss = 10.0
     result = nothing_left_to_train(trainer, tracking)
     assert result.global_step == 6 and result.training_loss is None
     assert (tracking.first_loss, tracking.last_loss, tracking.last_aux_loss, tracking.num_tokens) == (
