@@ -150,7 +150,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from finetune.tiny import TinySpec, write_tiny_model
+    from finetune.model.tiny import TinySpec, write_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     model_dir = write_tiny_model(work / "model", TinySpec(hidden_size=32, intermediate_size=64, layers=1))

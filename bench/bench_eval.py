@@ -45,8 +45,8 @@ def build(root: Path, layers: int) -> tuple[Path, Path]:
     """A mini Mixtral (fp32, random) and a random adapter on attention, both expert projections and the router."""
     import torch
 
+    from finetune.model.tiny import TinySpec, write_tiny_model
     from finetune.moe import apply_lora, load_mixtral, save_adapter
-    from finetune.tiny import TinySpec, write_tiny_model
     from tests.conftest import random_lora_
 
     spec = TinySpec(hidden_size=512, intermediate_size=1024, layers=layers, heads=8, kv_heads=2)

@@ -1,6 +1,6 @@
 """Host memory of FSDP2 loading on CPU: one process against two ranks (gloo), rank 0's `load_memory_added`.
 
-Each setup loads the same model through `finetune.model.load_model` (the run path: quantise, attach LoRA, and under
+Each setup loads the same model through `finetune.model.load.load_model` (the run path: quantise, attach LoRA, and under
 FSDP2 shard at load) and reports what the loading phase added to its peak RSS above its start
 (`finetune.memory.PeakMemory`, metrics.json's `load_memory_added`):
 
@@ -9,7 +9,7 @@ FSDP2 shard at load) and reports what the loading phase added to its peak RSS ab
   then accelerate's `fsdp2_prepare_model` shards it, as the Trainer did);
 - FSDP2, 2 ranks, shard at load: each rank quantises and keeps only its own experts (the run path now).
 
-Beside each, the planner's host-RAM figure for that setup (`finetune.plan_host.host_ram`, CPU). The default model
+Beside each, the planner's host-RAM figure for that setup (`finetune.plan.host.host_ram`, CPU). The default model
 has Mixtral-8x7B's proportions where it matters here: the 4-bit experts are ~95% of the resident bytes (8x7B: 23.3
 of 24.5 GB). `--model tiny` is the tests' tiny model, where the embeddings dominate and sharding the experts
 cannot halve much. Libraries are imported before the measurement starts, as they are in a run by then.
@@ -53,12 +53,12 @@ def worker(model_dir: str, mode: str, out: str, model: str) -> None:
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
+    import finetune.distributed.sharding as sharding
     import finetune.moe.loading
     import finetune.moe.lora  # noqa: F401
-    import finetune.sharding as sharding
     from finetune.memory import PeakMemory
-    from finetune.model import load_model
-    from finetune.recipe import load_recipe
+    from finetune.model.load import load_model
+    from finetune.recipe.schema import load_recipe
 
     settings = [f"model.path={model_dir}", "model.dtype=bfloat16", "model.device=cpu", *LORA[model]]
     recipe = load_recipe(RECIPE, settings)
@@ -97,8 +97,8 @@ def planner_host_ram(model_dir: Path, processes: int) -> int:
     import torch
 
     from finetune.moe.loading import _read_config
-    from finetune.plan import resident_report
-    from finetune.plan_host import host_ram
+    from finetune.plan.estimate import resident_report
+    from finetune.plan.host import host_ram
 
     config = _read_config(model_dir)
     report = resident_report(config, "nf4", torch.bfloat16, True)

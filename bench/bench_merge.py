@@ -52,8 +52,8 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_above_start": hwm()
 
 
 def build(root: Path, layers: int) -> tuple[Path, Path]:
+    from finetune.model.tiny import TinySpec, mixtral_config
     from finetune.moe import apply_lora, load_mixtral, save_adapter
-    from finetune.tiny import TinySpec, mixtral_config
     from tests.conftest import random_lora_, write_raw_mixtral
 
     spec = TinySpec(hidden_size=1024, intermediate_size=3584, layers=layers, heads=8, kv_heads=2)

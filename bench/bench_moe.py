@@ -71,7 +71,7 @@ class Shape:
     vocab: int = 32000
 
     def config(self):
-        from finetune.tiny import TinySpec, mixtral_config
+        from finetune.model.tiny import TinySpec, mixtral_config
 
         dims = TinySpec(
             hidden_size=self.hidden,

@@ -28,8 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
     steps = parser.parse_args().steps
-    from finetune.recipe import load_recipe
-    from finetune.train import run
+    from finetune.recipe.schema import load_recipe
+    from finetune.train.run import run
 
     common = [
         f"training.max_steps={steps}",

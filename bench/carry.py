@@ -300,7 +300,7 @@ def install(carry: Path, target: Path) -> dict:
 
 def tiny(carry: Path, cache: Path) -> Path:
     """The built-in tiny model in a FINETUNE_CACHE folder: the carried files, and the weights made again from the
-    same seed and spec as `finetune.tiny.write_tiny_model` where they were left behind."""
+    same seed and spec as `finetune.model.tiny.write_tiny_model` where they were left behind."""
     import ast
 
     source, target = carry / TINY, cache / TINY
@@ -316,7 +316,7 @@ def tiny(carry: Path, cache: Path) -> Path:
     if not (target / WEIGHTS).exists():
         from transformers import MixtralForCausalLM
 
-        from finetune.tiny import TinySpec, mixtral_config
+        from finetune.model.tiny import TinySpec, mixtral_config
 
         spec = TinySpec(**ast.literal_eval((target / "tiny_spec.txt").read_text()))
         torch.manual_seed(spec.seed)

@@ -316,8 +316,8 @@ def fsdp_refuses_bnb_optimizer() -> str | None:
     """finetune's own refusal of FSDP2 with a bitsandbytes optimizer, as `finetune run` gives it before loading."""
     from unittest import mock
 
-    from finetune.recipe import load_recipe
-    from finetune.sharding import launch_problems
+    from finetune.distributed.sharding import launch_problems
+    from finetune.recipe.schema import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-mixtral-sft.yaml", ["training.optimizer=paged_adamw_8bit"])
     with mock.patch.dict(os.environ, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}):
@@ -369,8 +369,8 @@ def trl_sft_step_item(device: torch.device) -> dict[str, Any]:
     if dist.is_initialized():  # the FSDP items' group: the run must see a plain single process
         dist.destroy_process_group()
     _FsdpState.holder = None
-    from finetune.recipe import load_recipe
-    from finetune.train import run
+    from finetune.recipe.schema import load_recipe
+    from finetune.train.run import run
 
     out_dir = Path(tempfile.mkdtemp(prefix="cuda-check-sft-"))
     overrides = [

@@ -36,7 +36,7 @@ def gpu_peak(name: str, memory_bytes: int | None = None) -> dict[str, Any] | Non
     The longest table key found in the name wins (so an L40S is not an L4, an A100 not an A10); between entries of
     one model (A100 40/80 GB) the memory decides."""
     sys.path.insert(0, str(ROOT))
-    from finetune.gpus import GPUS
+    from finetune.plan.gpus import GPUS
 
     flat = re.sub(r"[\s_-]+", "", name.lower())
     found = [(key.split("-")[0], key, gpu) for key, gpu in GPUS.items() if key.split("-")[0] in flat]
@@ -133,7 +133,7 @@ def triton_kernel() -> dict[str, Any]:
     return {"ok": bool(torch.equal(out, x + y)), "triton": triton.__version__, "compile_s": time.perf_counter() - start}
 
 
-PROJECT_MODULES = ("finetune.cli", "finetune.train", "finetune.plan", "finetune.sharding", "finetune.moe.loading",
+PROJECT_MODULES = ("finetune.cli", "finetune.train.run", "finetune.plan.estimate", "finetune.distributed.sharding", "finetune.moe.loading",
                    "data_tools.pipeline", "trl.trainer.sft_trainer", "mistral_common.protocol.instruct.request",
                    "bitsandbytes.optim", "torch.distributed.fsdp")  # fmt: skip
 BNB_OK = ("SUCCESS!", "CPU library loaded successfully")  # its CUDA check, or its CPU-only verdict

@@ -38,7 +38,7 @@ SHAPES = {
 
 
 def recipe_for(model_dir: Path, seq: int, grad_ckpt: bool, dtype: str, device: str, steps: int, optimizer: str):
-    from finetune.recipe import load_recipe
+    from finetune.recipe.schema import load_recipe
 
     overrides = [f"model.path={model_dir}", f"model.dtype={dtype}", f"model.device={device}",
                  f"data.max_length={seq}", f"training.gradient_checkpointing={str(grad_ckpt).lower()}",
@@ -72,9 +72,9 @@ def measure(args: argparse.Namespace) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from finetune.memory import PeakMemory
-    from finetune.model import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from finetune.plan import Planner, Settings, read_config
-    from finetune.train import trainer_arguments
+    from finetune.model.load import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from finetune.plan.estimate import Planner, Settings, read_config
+    from finetune.train.run import trainer_arguments
 
     model_dir = Path(args.model_dir)
     recipe = recipe_for(model_dir, args.seq, args.grad_ckpt, args.dtype, args.device, args.steps, args.optimizer)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from _common import environment, write_json
 
-    from finetune.tiny import write_tokenizer
+    from finetune.model.tiny import write_tokenizer
 
     shape = (
         SHAPES[args.shape] if args.layers is None else Shape(**{**asdict(SHAPES[args.shape]), "layers": args.layers})

@@ -24,9 +24,9 @@ def _gib(n: int) -> str:
 
 def block(recipe_path: Path) -> list[str]:
     """The generated header lines for one recipe."""
-    from finetune.gpus import find_gpu
-    from finetune.plan import make_plan
-    from finetune.recipe import load_recipe
+    from finetune.plan.estimate import make_plan
+    from finetune.plan.gpus import find_gpu
+    from finetune.recipe.schema import load_recipe
 
     recipe = load_recipe(recipe_path, [f"model.path={CONFIG}"])
     big = make_plan(recipe, find_gpu("H100"), read_data=False)

@@ -31,7 +31,7 @@ SetOption = Annotated[
 
 def fail(error: Exception) -> None:
     """Print a user error to stderr and exit 2 (in a rank of `--num-processes`, the launching process prints it)."""
-    from finetune.launch import report_to_launcher
+    from finetune.train.launch import report_to_launcher
 
     if not report_to_launcher(error):
         typer.echo(f"error: {error}", err=True)
@@ -61,13 +61,13 @@ def run(
 
     Rerun on an interrupted output_dir to resume from its newest checkpoint. SIGTERM/SIGINT save a checkpoint and
     exit with 128 + the signal number (143, 130)."""
-    from finetune.interrupt import Interrupted
+    from finetune.train.interrupt import Interrupted
 
     if num_processes is not None or accelerate_config is not None:
         relaunch(recipe, set_ or [], num_processes, accelerate_config, overwrite=overwrite, resume=not no_resume)
     try:
-        from finetune.recipe import load_recipe
-        from finetune.train import run as run_recipe
+        from finetune.recipe.schema import load_recipe
+        from finetune.train.run import run as run_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         metrics = run_recipe(loaded, overwrite=overwrite, force=force, resume=not no_resume)
@@ -77,8 +77,8 @@ def run(
     except Interrupted as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(e.exit_code) from None
-    from finetune.console import summary_lines
-    from finetune.distributed import is_main_process
+    from finetune.distributed.ranks import is_main_process
+    from finetune.tracking.console import summary_lines
 
     for line in summary_lines(metrics, loaded) if is_main_process() else []:  # one summary, from rank 0
         typer.echo(line)
@@ -88,9 +88,9 @@ def relaunch(
     recipe: Path, sets: list[str], num_processes: int | None, config: Path | None, *, overwrite: bool, resume: bool
 ) -> None:
     """Check the launch and the recipe once, here, then run this command again under `accelerate launch`."""
-    from finetune import launch
-    from finetune.preflight import check
-    from finetune.recipe import load_recipe
+    from finetune.recipe.schema import load_recipe
+    from finetune.train import launch
+    from finetune.train.preflight import check
 
     try:
         command = launch.prepare(sys.argv[1:], num_processes, config)
@@ -117,12 +117,12 @@ def validate(
 ) -> None:
     """Check a recipe completely (no model is loaded; every data record is read) and print it with every default
     resolved, also when the recipe is refused."""
-    from finetune.preflight import check
-    from finetune.recipe import Recipe, dump_recipe, load_recipe
-    from finetune.recipe_file import run_length_notes
+    from finetune.recipe.reader import run_length_notes
+    from finetune.recipe.schema import Recipe, dump_recipe, load_recipe
+    from finetune.train.preflight import check
 
     if explain:
-        from finetune.console import print_explain
+        from finetune.tracking.console import print_explain
 
         print_explain(Recipe)  # fits the terminal's width
     try:
@@ -158,10 +158,10 @@ def plan(
     """Predict memory per GPU and time from the recipe and the model's config.json alone (no weights)."""
     import json
 
-    from finetune.gpus import choose_gpu
-    from finetune.plan import make_plan
-    from finetune.plan_render import render
-    from finetune.recipe import load_recipe
+    from finetune.plan.estimate import make_plan
+    from finetune.plan.gpus import choose_gpu
+    from finetune.plan.render import render
+    from finetune.recipe.schema import load_recipe
 
     try:
         card, gpu_note = choose_gpu(gpu, gpu_memory)  # the note says which card was assumed when none was named
@@ -186,7 +186,7 @@ def tiny_model(
     overwrite: Annotated[bool, typer.Option(help="Write into a folder that already has a model")] = False,
 ) -> None:
     """Write a seeded random Mixtral plus the real Mixtral v1 tokenizer (offline, from mistral-common)."""
-    from finetune.tiny import TinySpec, write_tiny_model
+    from finetune.model.tiny import TinySpec, write_tiny_model
 
     if (output / "config.json").exists() and not overwrite:
         fail(ValueError(f"{output} already holds a model; pass --overwrite or choose another folder"))
@@ -244,6 +244,30 @@ def export_adapter(
         typer.echo(line)
 
 
+@app.command("export-gguf")
+def export_gguf(
+    source: Annotated[Path, typer.Argument(help="A run folder, its adapter/ folder, or a merged model folder")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .gguf file to write")],
+    type_: Annotated[str, typer.Option("--type", help="f16 | bf16 | q8_0 | q4_0 | q4_k_m (llama-quantize)")] = "f16",
+    base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's, else the run's recipe)")] = None,
+    onto: Annotated[str, typer.Option(help="original (16-bit weights) | dequantized (dequant(quant(W)))")] = "original",
+    verify: Annotated[bool, typer.Option(help="Read the file back against the merged weights (on by default)")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing FILE")] = False,
+) -> None:
+    """Merge and stream the model into one GGUF file for llama.cpp and Ollama (with an Ollama Modelfile beside it)."""
+    from finetune.export.gguf_export import GGUFVerificationError
+    from finetune.export.gguf_export import export_gguf as export
+
+    try:
+        export(source, output, out_type=type_, base=base, onto=onto, overwrite=overwrite, verify=verify,
+               echo=typer.echo)  # fmt: skip
+    except UserError as e:
+        fail(e)
+    except GGUFVerificationError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 GenModel = Annotated[
     str,
     typer.Option("--model", help="Model or merged folder, run folder (base + adapter), hub id, tiny-random-mixtral"),
@@ -281,7 +305,7 @@ def generate(
     seed: GenSeed = None,
 ) -> None:
     """Reply to one prompt, streamed, in the chat format the model was trained with (GPU bf16 if present, else CPU fp32)."""
-    from finetune.generate import Sampling, resolve_source, run_generate
+    from finetune.export.generate import Sampling, resolve_source, run_generate
 
     try:
         source = resolve_source(model, adapter, quantization, chat_format, system)
@@ -303,7 +327,7 @@ def chat(
     seed: GenSeed = None,
 ) -> None:
     """Chat on stdin/stdout, keeping the conversation; /reset clears it, /exit or EOF ends (works with piped stdin)."""
-    from finetune.generate import Sampling, resolve_source, run_chat
+    from finetune.export.generate import Sampling, resolve_source, run_chat
 
     try:
         source = resolve_source(model, adapter, quantization, chat_format, system)
@@ -319,7 +343,7 @@ def report(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for the PNGs and report.md")] = None,
 ) -> None:
     """Render the run's curves, expert-load heatmaps and samples as PNGs and a one-page report.md."""
-    from finetune.report import write_report
+    from finetune.tracking.report import write_report
 
     try:
         out = write_report([run_dir, *([other] if other else [])], output)
@@ -358,7 +382,7 @@ def eval_(
     """Base against adapter from one model load: held-out perplexity, generation metrics, lm-eval tasks, routing."""
     from finetune.evaluate.inputs import EvalRequest
     from finetune.evaluate.run_eval import run_cli
-    from finetune.evaluate.table import render
+    from finetune.tracking.eval_table import render
 
     request = EvalRequest(
         run_dir=run_dir, model=model, adapter=adapter, data=data or [], generation=generation or [],

@@ -75,8 +75,8 @@ def _claim_outputs(source: str, outputs: list[Path], overwrite: bool, suffixes=N
 
 def load_context(recipe: Path):
     """(DataConfig, tokenizer, model_dir) of a recipe."""
-    from finetune.model import load_tokenizer, resolve_model_dir
-    from finetune.recipe import load_recipe
+    from finetune.model.load import load_tokenizer, resolve_model_dir
+    from finetune.recipe.schema import load_recipe
 
     r = load_recipe(recipe)
     model_dir = resolve_model_dir(r.model.path)

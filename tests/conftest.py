@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import MixtralConfig
 
-from finetune.tiny import TinySpec, write_tiny_model
+from finetune.model.tiny import TinySpec, write_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from finetune.adapter_card import base_reference
-from finetune.tiny import TINY_MODEL_NAME, materialize_builtin
+from finetune.model.tiny import TINY_MODEL_NAME, materialize_builtin
+from finetune.tracking.adapter_card import base_reference
 
 
 def test_base_reference_names_what_the_user_gave(tmp_path):

@@ -31,22 +31,22 @@ class ReachedLoading(Exception):
 @pytest.fixture(autouse=True)
 def no_loading(monkeypatch):
     """Every step of `run` that reads weights, builds the tiny model or tokenises data raises ReachedLoading."""
-    import data_tools.pipeline
-    import finetune.model
+    import data_tools.prepare
+    import finetune.model.load
     import finetune.moe.loading
-    import finetune.train
+    import finetune.train.run
 
     def guard(*args, **kwargs):
         raise ReachedLoading()
 
     for module, name in [
-        (finetune.train, "resolve_model_dir"),
-        (finetune.train, "check_model_dir"),
-        (finetune.train, "load_tokenizer"),
-        (finetune.train, "load_model"),
+        (finetune.train.run, "resolve_model_dir"),
+        (finetune.train.run, "check_model_dir"),
+        (finetune.train.run, "load_tokenizer"),
+        (finetune.train.run, "load_model"),
         (finetune.moe.loading, "load_mixtral"),
-        (finetune.model, "materialize_builtin"),
-        (data_tools.pipeline, "prepare_sft_data"),
+        (finetune.model.load, "materialize_builtin"),
+        (data_tools.prepare, "prepare_sft_data"),
     ]:
         monkeypatch.setattr(module, name, guard)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the device cases mean "a machine without CUDA"
@@ -603,10 +603,10 @@ def test_output_dir_that_cannot_be_used(tmp_path, case):
 
 
 def test_finished_run_markers_are_those_run_writes():
-    import finetune.preflight
-    import finetune.train
+    import finetune.train.preflight
+    import finetune.train.run
 
-    assert finetune.preflight.FINISHED_MARKERS == finetune.train.FINISHED_MARKERS
+    assert finetune.train.preflight.FINISHED_MARKERS == finetune.train.run.FINISHED_MARKERS
 
 
 def test_finished_run_is_accepted_by_both_with_overwrite(tmp_path):
@@ -645,9 +645,9 @@ def test_cuda_device_on_a_machine_without_cuda(tmp_path, tiny_model_dir, case):
 
 def test_unavailable_method_is_refused_by_both(tmp_path, monkeypatch):
     """A method the schema knows but this build cannot train (the gate a new method passes through)."""
-    import finetune.preflight
+    import finetune.train.preflight
 
-    monkeypatch.setattr(finetune.preflight, "AVAILABLE_METHODS", ("sft",))
+    monkeypatch.setattr(finetune.train.preflight, "AVAILABLE_METHODS", ("sft",))
     overrides = ["method=dpo", "data.train.0.path=builtin:tiny-preference"]
     setup = recipe_setup(tmp_path, base_recipe(tmp_path), ["method: 'dpo' is not available yet"], overrides)
     assert_refused_by_both(setup)
@@ -813,10 +813,10 @@ def test_evaluation_section_that_cannot_run(tmp_path, case):
 
 
 def test_every_preflight_refusal_is_covered_by_the_corpus():
-    """Each kind of check in finetune.preflight has cases here, so a new refusal cannot skip the contract."""
+    """Each kind of check in finetune.train.preflight has cases here, so a new refusal cannot skip the contract."""
     import inspect
 
-    import finetune.preflight as preflight
+    import finetune.train.preflight as preflight
 
     checks = {
         name

@@ -17,7 +17,9 @@ import yaml
 from transformers import TrainerControl
 from typer.testing import CliRunner
 
-from finetune.checkpoints import (
+from finetune.errors import UserError
+from finetune.recipe.schema import load_recipe
+from finetune.train.checkpoints import (
     MARKER,
     RECIPE,
     clean_leftovers,
@@ -33,9 +35,7 @@ from finetune.checkpoints import (
     trim_log,
     world_size_problem,
 )
-from finetune.errors import UserError
-from finetune.interrupt import CheckpointControl, StopOnSignal, interrupted
-from finetune.recipe import load_recipe
+from finetune.train.interrupt import CheckpointControl, StopOnSignal, interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -279,7 +279,7 @@ def wait_until(condition, seconds: float = 60) -> bool:
 # The child reports each step on stderr; it sends the second signal only once the first was handled.
 TWO_SIGNALS = """
 import signal, sys, threading, time
-from finetune.interrupt import StopOnSignal
+from finetune.train.interrupt import StopOnSignal
 main = threading.main_thread().ident
 with StopOnSignal() as stop:
     signal.pthread_kill(main, signal.SIGTERM)
@@ -326,7 +326,7 @@ def test_a_second_signal_inside_deferring_exit_exits_after_the_block(monkeypatch
 
 
 def test_restores_signals_puts_back_the_handlers_however_the_function_ends():
-    from finetune.interrupt import restores_signals
+    from finetune.train.interrupt import restores_signals
 
     @restores_signals
     def train_then_fail():
@@ -356,7 +356,7 @@ def test_after_the_last_step_the_first_signal_says_the_run_finishes(capsys):
 
 def test_a_resume_from_the_last_steps_checkpoint_trains_nothing_and_keeps_the_logged_values():
     """HF Trainer would take one optimizer step past max_steps; the run instead goes straight to finishing."""
-    from finetune.interrupt import AlreadyTrained, nothing_left_to_train
+    from finetune.train.interrupt import AlreadyTrained, nothing_left_to_train
 
     args = SimpleNamespace(device="cpu", output_dir="unused", world_size=1)
     control = CheckpointControl(StopOnSignal(), save_minutes=None, save_total_limit=None, recipe_text="", resume_step=6)
@@ -371,7 +371,8 @@ def test_a_resume_from_the_last_steps_checkpoint_trains_nothing_and_keeps_the_lo
         {"loss": 8.0, "aux_loss": 0.1, "num_tokens": 200.0, "rewards/margins": 0.3, "step": 6},
     ]
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=history, global_step=6))
-    from finetune.tracking import Tracker, TrackingCallback
+    from finetune.tracking.callbacks import TrackingCallback
+    from finetune.tracking.sinks import Tracker
 
     tracking = TrackingCallback(Tracker([]))  # the run's own callback, as the checkpoint's first run left it
     tracking.first_loss = 10.0

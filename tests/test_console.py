@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from finetune.console import (
+from finetune.recipe.schema import Recipe, load_recipe
+from finetune.tracking.console import (
     NEXT_STEPS,
     ReadableProgress,
     eval_line,
@@ -23,7 +24,6 @@ from finetune.console import (
     train_line,
     user_type,
 )
-from finetune.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -201,7 +201,7 @@ QUIET_PROBE = """
 import logging, warnings
 import finetune.cli  # installs the filters, as every command does
 import bitsandbytes  # on AVX512-BF16 CPUs this import logs the kernels-community message itself
-from finetune.tiny import TinySpec, mixtral_config
+from finetune.model.tiny import TinySpec, mixtral_config
 from transformers import MixtralForCausalLM
 
 log = logging.getLogger("bitsandbytes.backends.cpu.ops")

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from transformers import PrinterCallback, ProgressCallback, TrainerControl, TrainerState, TrainingArguments
 
-from finetune.console import ReadableProgress, speed_text, use_readable_progress
 from finetune.errors import UserError
-from finetune.recipe import load_recipe
+from finetune.recipe.schema import load_recipe
+from finetune.tracking.console import ReadableProgress, speed_text, use_readable_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -181,8 +181,8 @@ class Clock:
 
 def test_line_rate_divides_by_step_time_not_by_evaluation_and_saving(monkeypatch, capsys):
     clock = Clock()
-    monkeypatch.setattr("finetune.console.time.time", clock)
-    monkeypatch.setattr("finetune.console.time.perf_counter", clock)
+    monkeypatch.setattr("finetune.tracking.console.time.time", clock)
+    monkeypatch.setattr("finetune.tracking.console.time.perf_counter", clock)
     progress = ReadableProgress()
     state = TrainerState(max_steps=4)
     args, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerControl()
@@ -220,7 +220,7 @@ def test_stock_displays_are_replaced_by_the_one_readable_display():
 def test_train_arguments_turn_the_tqdm_bar_off():
     import torch
 
-    from finetune.train import trainer_arguments
+    from finetune.train.run import trainer_arguments
 
     recipe = load_recipe(TINY)
     assert trainer_arguments(recipe, Path("unused"), torch.device("cpu"), torch.float32)["disable_tqdm"] is True
@@ -239,7 +239,7 @@ def test_speed_line_names_training_steps_and_where_the_rest_went():
 def test_piped_chat_separates_the_replies(monkeypatch):
     import io
 
-    from finetune import generate
+    from finetune.export import generate
 
     answers = iter(["first reply\nover two lines", "second reply", "third"])
 

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune.distributed import ddp_ignore_frozen
+from finetune.distributed.ranks import ddp_ignore_frozen
+from finetune.model.tiny import TinySpec, write_tiny_model
 from finetune.moe import apply_lora, load_mixtral
-from finetune.tiny import TinySpec, write_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_rerun_ends_with_the_ddp_ad
     from test_resume import assert_same_adapter, finish, start, wait_for
     from test_resume import run as run_resumable
 
-    from finetune.checkpoints import scan
+    from finetune.train.checkpoints import scan
 
     reference, _, _ = ddp_run
     out = tmp_path / "term"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
-from finetune.divergence import DivergenceGuard
 from finetune.errors import UserError
-from finetune.recipe import load_recipe
+from finetune.recipe.schema import load_recipe
+from finetune.train.divergence import DivergenceGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_guard_passes_finite_logs_and_catches_nan_weights():
 
 def test_diverging_run_writes_no_adapter(tmp_path, tiny_model_dir):
     """A learning rate far past sane (the schema refuses it; forced here) blows the loss up mid-run."""
-    import finetune.train as train_mod
+    import finetune.train.run as train_mod
 
     out = tmp_path / "out"
     recipe = load_recipe(

@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from finetune.recipe import load_recipe
-from finetune.tiny import TinySpec
+from finetune.model.tiny import TinySpec
+from finetune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -152,7 +152,7 @@ def test_run_with_bad_recipe_touches_nothing(tmp_path):
 
 def test_training_leaves_base_weights_unchanged(tmp_path, tiny_model_dir):
     """In process: every base tensor after training equals a fresh load; only LoRA tensors changed."""
-    import finetune.train as train_mod
+    import finetune.train.run as train_mod
     from finetune.moe.loading import load_mixtral
 
     recipe = load_recipe(

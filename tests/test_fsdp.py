@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 from test_resume import assert_same_adapter, at_gate, finish, run, signal_gate, start, wait_for
 
-from finetune.checkpoints import MARKER, scan
+from finetune.train.checkpoints import MARKER, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -211,8 +211,8 @@ def test_what_fsdp2_cannot_shard_is_refused_before_loading(monkeypatch, tmp_path
 
 
 def test_ddp_launch_accepts_int8(monkeypatch):
-    from finetune.recipe import load_recipe
-    from finetune.sharding import launch_problems
+    from finetune.distributed.sharding import launch_problems
+    from finetune.recipe.schema import load_recipe
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert launch_problems(load_recipe(TINY, ["model.quantization=int8"])) == []

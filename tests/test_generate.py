@@ -14,10 +14,10 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.generate import Generator, Sampling, chat_loop, load_generator, prompt_ids, reply, resolve_source
-from finetune.model import load_tokenizer
+from finetune.export.generate import Generator, Sampling, chat_loop, load_generator, prompt_ids, reply, resolve_source
+from finetune.model.load import load_tokenizer
+from finetune.model.tiny import TinySpec, write_tiny_model
 from finetune.moe import apply_lora, load_mixtral, save_adapter
-from finetune.tiny import TinySpec, write_tiny_model
 
 runner = CliRunner()
 GREEDY = Sampling(max_new_tokens=8, temperature=0.0)

@@ -10,11 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.gpus import find_gpu
-from finetune.methods import kernels
-from finetune.plan import make_plan
-from finetune.plan_render import render
-from finetune.recipe import load_recipe
+from finetune.plan.estimate import make_plan
+from finetune.plan.gpus import find_gpu
+from finetune.plan.render import render
+from finetune.recipe.schema import load_recipe
+from finetune.train.methods import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -85,7 +85,7 @@ def test_bnb_optimizer_under_fsdp2_is_refused_with_the_alternative(monkeypatch, 
 
 
 def test_bnb_optimizer_without_fsdp_is_fine(monkeypatch):
-    from finetune.sharding import launch_problems
+    from finetune.distributed.sharding import launch_problems
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert launch_problems(load_recipe(TINY, ["training.optimizer=paged_adamw_8bit"])) == []

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from finetune import launch
 from finetune.cli import app
 from finetune.errors import UserError
+from finetune.train import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune import launch
+from finetune.train import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -17,7 +17,7 @@ TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
 FAKE_LAUNCH = """
 import os, sys, time
 from finetune.errors import UserError
-from finetune.launch import report_to_launcher
+from finetune.train.launch import report_to_launcher
 sys.stderr.write("printed before the report, kept\\n"); sys.stderr.flush()
 os.environ["RANK"] = "1"
 assert report_to_launcher(UserError("data problem", ["/data/train.jsonl:7: invalid JSON"]))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune.errors import UserError
-from finetune.model import (
+from finetune.model.load import (
     check_model_dir,
     load_tokenizer,
     model_dir_problems,
@@ -17,7 +17,7 @@ from finetune.model import (
     resolve_model_dir,
     safetensors_problem,
 )
-from finetune.recipe import ModelSettings
+from finetune.recipe.sections import ModelSettings
 
 
 def fake_model_dir(tmp_path: Path, config: dict, files: dict[str, bytes]) -> Path:

@@ -11,10 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.gpus import GIB, find_gpu, parse_memory
 from finetune.moe.loading import _read_config, load_mixtral
-from finetune.plan import Planner, Settings, make_plan, resident_report
-from finetune.recipe import load_recipe
+from finetune.plan.estimate import Planner, Settings, make_plan, resident_report
+from finetune.plan.gpus import GIB, find_gpu, parse_memory
+from finetune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 MIXTRAL_CONFIG = ROOT / "bench" / "configs" / "mixtral-8x7b"
@@ -28,7 +28,7 @@ def shaped_model_dir(tmp_path_factory) -> Path:
     from bench_moe import write_model
     from plan_check import SHAPES
 
-    from finetune.tiny import write_tokenizer
+    from finetune.model.tiny import write_tokenizer
 
     folder = write_model(tmp_path_factory.mktemp("shaped"), SHAPES["test"])
     write_tokenizer(folder)
@@ -117,7 +117,7 @@ def test_fsdp2_two_24gb_gpus_gives_per_gpu_figure_and_longest_length():
     assert longest and longest % 256 == 0
     config, recipe = _read_config(MIXTRAL_CONFIG), mixtral_recipe()
     planner = Planner(recipe, config, torch.bfloat16, "cuda", parse_memory("24GB"))
-    from finetune.plan_host import fsdp_settings
+    from finetune.plan.host import fsdp_settings
 
     s, _ = fsdp_settings(Settings.of(recipe, 2), 2)  # under FSDP2 the plan uses a torch optimizer, as run must
     assert planner.memory(Settings(**{**s.__dict__, "max_length": longest}), fsdp=2).fits

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.plan_time import duration_text, one_line
+from finetune.plan.timing import duration_text, one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MIXTRAL_CONFIG = ROOT / "bench" / "configs" / "mixtral-8x7b"

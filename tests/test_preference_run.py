@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from finetune.moe import QuantizedExperts, apply_lora, load_adapter, load_mixtral, save_adapter
-from finetune.recipe import load_recipe
+from finetune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,8 +110,8 @@ def _completion_logp(model, prompt: list[int], completion: list[int]) -> float:
 def test_dpo_from_an_sft_adapter_one_base_model_and_its_reference(tmp_path, tiny_model_dir, randomize_lora):
     """Start from an SFT adapter: the trainable copy starts equal to it, the reference log-probs are those of
     base + SFT adapter, and the process holds one model's quantised experts throughout."""
-    import finetune.methods.dpo as dpo_module
-    import finetune.train as train_mod
+    import finetune.train.methods.dpo as dpo_module
+    import finetune.train.run as train_mod
 
     sft = tmp_path / "sft-adapter"
     base, _ = load_mixtral(tiny_model_dir, quantization="nf4", dtype=torch.float32)

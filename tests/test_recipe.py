@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from finetune.errors import UserError
-from finetune.recipe import Recipe, apply_overrides, dump_recipe, load_recipe
-from finetune.recipe_errors import explain
+from finetune.recipe.errors import explain
+from finetune.recipe.schema import Recipe, apply_overrides, dump_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

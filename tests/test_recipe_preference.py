@@ -15,10 +15,8 @@ import trl
 import yaml
 
 from finetune.errors import UserError
-from finetune.recipe import (
-    DPO_LOSSES,
-    DpoSettings,
-    KtoSettings,
+from finetune.recipe.preference import DPO_LOSSES, DpoSettings, KtoSettings
+from finetune.recipe.schema import (
     dump_recipe,
     load_recipe,
     method_config_arguments,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.report import heatmaps_figure, read_run, write_report
+from finetune.tracking.report import heatmaps_figure, read_run, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

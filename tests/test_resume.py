@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from finetune.checkpoints import MARKER, scan, staging_dir
+from finetune.train.checkpoints import MARKER, scan, staging_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -137,7 +137,7 @@ SLOW_SAVE = """
 import sys, time
 from pathlib import Path
 import transformers
-import finetune.checkpoints as checkpoints
+import finetune.train.checkpoints as checkpoints
 
 WINDOW, STEP = {window!r}, {step}
 
@@ -180,7 +180,7 @@ def paused(out: Path) -> Callable[[], bool]:
 SIGNAL_GATE = """
 import sys, time
 from pathlib import Path
-import finetune.interrupt as interrupt
+import finetune.train.interrupt as interrupt
 
 GATE, HOLD = {gate}, {hold!r}
 

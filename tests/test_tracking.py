@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 
-from finetune import tracking
 from finetune.errors import UserError
-from finetune.recipe import load_recipe
-from finetune.tracking import JsonlSink, Tracker, resolve_mode, scrub_secrets, scrub_yaml
+from finetune.recipe.schema import load_recipe
+from finetune.recipe.secrets import scrub_secrets, scrub_yaml
+from finetune.tracking import sinks as tracking
+from finetune.tracking.sinks import JsonlSink, Tracker, resolve_mode
 
 TINY = "recipes/tiny-mixtral-sft.yaml"
 
@@ -69,8 +71,8 @@ def test_a_failing_sink_warns_once_and_the_rest_carry_on(tmp_path, capsys):
 
 @pytest.mark.parametrize("backend", ["tensorboard", "mlflow"])
 def test_a_backend_whose_package_is_missing_is_a_recipe_error_naming_it(monkeypatch, backend):
-    real = tracking.importlib.util.find_spec
-    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda n, *a: None if n == backend else real(n, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == backend else real(n, *a))
     with pytest.raises(UserError) as error:
         load_recipe(TINY, [f"tracking.backend={backend}"])
     assert f"tracking.backend: backend {backend} needs the {backend} package; pip install {backend}" in str(error.value)

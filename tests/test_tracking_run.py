@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.recipe import load_recipe
+from finetune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-mixtral-sft.yaml"
@@ -112,7 +112,7 @@ def test_no_file_the_run_writes_holds_the_api_key(offline_run):
 def test_a_run_whose_tracking_cannot_start_trains_to_the_end(tmp_path, tiny_model_dir, monkeypatch, capsys):
     import wandb
 
-    import finetune.train as train_mod
+    import finetune.train.run as train_mod
 
     def refuse(*args, **kwargs):
         raise wandb.errors.CommError("could not reach api.wandb.ai")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.recipe_evaluation import EvaluationSettings
+from finetune.recipe.evaluation import EvaluationSettings
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_attention_heads",
               "num_key_value_heads", "vocab_size")  # fmt: skip
@@ -114,7 +114,7 @@ def adapter_base_problem(model_dir: Path, adapter_dir: Path) -> str | None:
     named = adapter_config.get("base_model_name_or_path")
     fix = "give the base it was trained on (--model), or its run folder"
     if isinstance(named, str) and named:
-        from finetune.model import local_model_dir
+        from finetune.model.load import local_model_dir
 
         base_dir = local_model_dir(named)
         base_config = base_dir / "config.json" if base_dir is not None and base_dir.is_dir() else None

@@ -2,7 +2,7 @@
 
 A record is `{"prompt": "...", "reference": "..."}` or `{"messages": [... ending with the user turn], "reference":
 "..."}` (JSONL, or anything `data_tools.io` reads). Prompts are built by the training formatter, as `finetune
-generate` builds them (`finetune.generate.prompt_ids`). Scores are the libraries the field reports with, never
+generate` builds them (`finetune.export.generate.prompt_ids`). Scores are the libraries the field reports with, never
 reimplemented: ROUGE-L F1 from `rouge-score` (mean over records), chrF from `sacrebleu` (corpus level, 0-100); plus
 exact match and contains (the reference appears in the reply), both after stripping surrounding whitespace.
 """

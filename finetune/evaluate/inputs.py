@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.recipe_evaluation import EvaluationSettings
+from finetune.recipe.evaluation import EvaluationSettings
 
 EVAL_FILE = "eval.json"
 
@@ -41,7 +41,7 @@ class EvalRequest:
 class EvalInputs:
     """Everything the evaluation needs besides the model: prepared before it loads."""
 
-    source: Any  # finetune.generate.Source: model, adapter, quantisation, chat format
+    source: Any  # finetune.export.generate.Source: model, adapter, quantisation, chat format
     settings: EvaluationSettings
     out_dir: Path
     recipe: Any = None  # the run's Recipe, when evaluating a run folder (its tracking names the W&B run)
@@ -63,7 +63,7 @@ def settings_for(request: EvalRequest, recipe: Any) -> EvaluationSettings:
 
 
 def _run_recipe(run_dir: Path) -> Any:
-    from finetune.recipe import load_recipe
+    from finetune.recipe.schema import load_recipe
 
     try:
         return load_recipe(run_dir / "recipe.yaml")
@@ -75,7 +75,7 @@ def _run_recipe(run_dir: Path) -> Any:
 def resolve(request: EvalRequest) -> EvalInputs:
     """Check the command line and everything it names; raises one UserError listing every problem."""
     from finetune.evaluate.checks import FLAG_KEYS, adapter_base_problem, settings_problems
-    from finetune.generate import resolve_source
+    from finetune.export.generate import resolve_source
 
     if (request.run_dir is None) == (request.model is None):
         raise UserError("finetune eval: give a run folder (RUN_DIR) or --model PATH, not both and not neither")
@@ -129,7 +129,8 @@ def data_settings(inputs: EvalInputs) -> Any:
 def prepare(inputs: EvalInputs, tokenizer: Any, eval_rows: Any = None) -> EvalInputs:
     """Tokenise the perplexity data (the run's eval split by default, `eval_rows` when the caller holds it already),
     read the generation files, resolve the tasks."""
-    from data_tools.pipeline import format_spec, prepare_data
+    from data_tools.pipeline import format_spec
+    from data_tools.prepare import prepare_data
     from finetune.evaluate.generation_tasks import name_of, read_generation_file
     from finetune.evaluate.lm_eval_tasks import resolve_tasks
     from finetune.evaluate.perplexity import from_rows, tokenize_file

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.evaluate.inputs import EVAL_FILE, EvalInputs, EvalRequest, prepare, resolve
-from finetune.evaluate.table import flat_scalars, render
+from finetune.tracking.eval_table import flat_scalars, render
 
 ROUTING_PNG = "eval_routing.png"
 
@@ -70,7 +70,7 @@ def perplexity_section(model, inputs: EvalInputs, columns, device, result, echo)
 
 def generation_section(model, tokenizer, inputs: EvalInputs, columns, device, result, echo) -> None:
     from finetune.evaluate.generation_tasks import generate_replies, scores, side_by_side
-    from finetune.generate import Generator, prompt_ids
+    from finetune.export.generate import Generator, prompt_ids
 
     settings, gen = inputs.settings, Generator(model, tokenizer, inputs.source, device)
     section = result.setdefault("generation", {})
@@ -145,7 +145,7 @@ def _evaluate(model, tokenizer, inputs: EvalInputs, device, echo) -> dict[str, A
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """eval.json (written whole, then renamed into place) and the routing-shift heatmap when there is one."""
-    from finetune.evaluate.report_eval import routing_shift_figure
+    from finetune.tracking.report_eval import routing_shift_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -177,7 +177,7 @@ def publish_wandb(recipe: Any, run_dir: Path, flat: dict[str, float], echo=print
     try:
         import wandb
 
-        from finetune.tracking import resolve_mode
+        from finetune.tracking.sinks import resolve_mode
 
         run = wandb.init(
             id=run_id, resume="allow", project=settings.project, entity=settings.entity, dir=str(run_dir),
@@ -193,8 +193,8 @@ def publish_wandb(recipe: Any, run_dir: Path, flat: dict[str, float], echo=print
 
 def run_cli(request: EvalRequest, echo=print) -> tuple[dict[str, Any], list[Path]]:
     """`finetune eval`: check, prepare, load once, evaluate, write; returns the result and the files written."""
-    from finetune.generate import load_generator
-    from finetune.model import load_tokenizer
+    from finetune.export.generate import load_generator
+    from finetune.model.load import load_tokenizer
 
     inputs = resolve(request)  # every refusal, before anything loads
     inputs = prepare(inputs, load_tokenizer(inputs.source.model_dir))
@@ -212,9 +212,9 @@ def run_cli(request: EvalRequest, echo=print) -> tuple[dict[str, Any], list[Path
 def evaluate_after_training(recipe, model, tokenizer, model_dir: Path, eval_rows, tracker, step: int, echo=print):
     """The recipe's `evaluation:` at the end of `finetune run`, on the trained model in memory (no second load):
     eval.json in output_dir, the figures into the run's tracker (W&B summary). Checked by preflight already."""
-    from finetune.distributed import world_size
+    from finetune.distributed.ranks import world_size
     from finetune.evaluate.inputs import EvalInputs
-    from finetune.generate import Source
+    from finetune.export.generate import Source
 
     output_dir = Path(recipe.output_dir)
     if world_size() > 1:

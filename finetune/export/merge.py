@@ -10,6 +10,7 @@ dequant(quant(W)) under the run's own quantisation settings: exactly the functio
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,6 +243,54 @@ class DeltaApplier:
         return sorted({self._name(item) for item in missing})
 
 
+class MergeStream:
+    """The merged tensors of base + adapter, base shard by base shard: the one merge that every writer consumes.
+
+    `finetune merge` writes them into safetensors shards, `finetune export-gguf` into a GGUF file; both iterate
+    `tensors(shard)` for each of `shards` and call `finish()`, which fails if any adapter tensor found no place.
+    With no adapter (a merged folder) every tensor passes through unchanged.
+    """
+
+    def __init__(self, base_dir: Path, adapter_dir: Path | None, *, onto: str = "original",
+                 dtype: torch.dtype | None = None, quantization: Quantization = Quantization()):  # fmt: skip
+        if onto not in ONTO:
+            raise UserError(f"--onto must be one of {', '.join(ONTO)}, got {onto!r}")
+        self.base_dir, self.dtype = base_dir, dtype
+        self.config = json.loads((base_dir / "config.json").read_text())
+        num_experts = self.config["num_local_experts"]
+        self.deltas = read_adapter(adapter_dir, num_experts) if adapter_dir is not None else AdapterDeltas()
+        self.applier = DeltaApplier(self.deltas, self.config, onto, quantization, dtype)
+        self.shards = shard_files(base_dir)
+
+    def specs(self, shard: Path) -> list[TensorSpec]:
+        """Name, dtype and shape of each merged tensor of `shard`, from its header alone."""
+        return read_specs(shard, self.dtype)
+
+    def tensors(self, shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in keys_of(shard):
+            with safe_open(str(shard), framework="pt") as f:  # one short-lived mapping per tensor
+                tensor = f.get_tensor(key)
+            yield from self.applier.apply(key, tensor)
+            del tensor  # one base tensor (and its merged form) in memory at a time
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for shard in self.shards:
+            yield from self.tensors(shard)
+
+    def finish(self) -> None:
+        applier = self.applier
+        if applier.pending:
+            layer, expert = next(iter(applier.pending))
+            raise UserError(f"base checkpoint has only one of w1/w3 for layer {layer} expert {expert}")
+        unused = applier.unused()
+        if unused:
+            raise UserError(
+                f"{len(unused)} adapter tensor(s) match nothing in the base {self.base_dir}; "
+                "was it trained for another model?",
+                unused[:20],
+            )
+
+
 def merge_shards(
     base_dir: Path,
     adapter_dir: Path,
@@ -253,28 +302,12 @@ def merge_shards(
     max_shard_bytes: int = 5 * 10**9,
 ) -> dict:
     """Write the merged weights of base + adapter into `out_dir` (an empty folder); returns a summary."""
-    if onto not in ONTO:
-        raise UserError(f"--onto must be one of {', '.join(ONTO)}, got {onto!r}")
-    config = json.loads((base_dir / "config.json").read_text())
-    deltas = read_adapter(adapter_dir, config["num_local_experts"])
-    applier = DeltaApplier(deltas, config, onto, quantization, dtype)
+    stream = MergeStream(base_dir, adapter_dir, onto=onto, dtype=dtype, quantization=quantization)
     writer = ShardWriter(out_dir, max_shard_bytes)
-    for shard in shard_files(base_dir):
-        writer.plan(read_specs(shard, dtype))
-        for key in keys_of(shard):
-            with safe_open(str(shard), framework="pt") as f:  # one short-lived mapping per tensor
-                tensor = f.get_tensor(key)
-            for name, merged in applier.apply(key, tensor):
-                writer.add(name, merged)
-            del tensor  # one base tensor (and its merged form) in memory at a time
-    if applier.pending:
-        layer, expert = next(iter(applier.pending))
-        raise UserError(f"base checkpoint has only one of w1/w3 for layer {layer} expert {expert}")
-    unused = applier.unused()
-    if unused:
-        raise UserError(
-            f"{len(unused)} adapter tensor(s) match nothing in the base {base_dir}; was it trained for another model?",
-            unused[:20],
-        )
+    for shard in stream.shards:
+        writer.plan(stream.specs(shard))
+        for name, merged in stream.tensors(shard):
+            writer.add(name, merged)
+    stream.finish()
     shards = writer.finish()
-    return {"shards": shards, "bytes": writer.total, "adapter_tensors": len(applier.used)}
+    return {"shards": shards, "bytes": writer.total, "adapter_tensors": len(stream.applier.used)}

@@ -70,7 +70,7 @@ def _read_json(path: Path) -> dict:
 
 def resolve_inputs(source: Path, base: str | None) -> MergeInputs:
     """A run folder (with adapter/) or an adapter folder; the base from --base, the adapter, or the run's recipe."""
-    from finetune.model import resolve_model_dir
+    from finetune.model.load import resolve_model_dir
 
     if (source / "adapter" / "adapter_config.json").is_file():
         run_dir, adapter_dir = source, source / "adapter"

@@ -7,8 +7,9 @@
 - `routing.ExpertLoadTracker` collects per-layer expert load and router entropy.
 """
 
+from finetune.moe.expert_layer import ExpertLoraLayer
 from finetune.moe.loading import LoadReport, load_mixtral, model_bytes, verify_quantized
-from finetune.moe.lora import ExpertLoraLayer, apply_lora, load_adapter, lora_summary, save_adapter
+from finetune.moe.lora import apply_lora, load_adapter, lora_summary, save_adapter
 from finetune.moe.quantized import QuantizedExperts
 from finetune.moe.router import Float32Router
 from finetune.moe.routing import ExpertLoadTracker

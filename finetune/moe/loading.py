@@ -7,7 +7,7 @@ placed (and quantised) as it arrives. Per-expert w1/w3 halves are joined and qua
 Embeddings, lm_head and norms stay in `dtype`; the router stays float32.
 
 With `expert_shard=(rank, world)` (an FSDP2 run) each rank allocates, reads and quantises only its own experts
-(`quantized.expert_shard`), so no rank ever holds the whole expert stack; `finetune.sharding` then shards the rest.
+(`quantized.expert_shard`), so no rank ever holds the whole expert stack; `finetune.distributed.sharding` then shards the rest.
 Checkpoint reading lives in `checkpoint`, resident-size accounting in `accounting`; their names are re-exported here.
 """
 

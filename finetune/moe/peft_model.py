@@ -14,12 +14,12 @@ import re
 from peft import PeftModelForCausalLM
 from peft.utils.constants import DUMMY_TARGET_MODULES
 
+from finetune.moe.expert_layer import ExpertLoraLayer
+
 EXPERT_PREFIX = "mlp.experts."
 
 
 def _expert_layers(model):
-    from finetune.moe.lora import ExpertLoraLayer  # lora.py builds this wrapper: import at call time
-
     return [m for m in model.modules() if isinstance(m, ExpertLoraLayer)]
 
 

@@ -111,7 +111,7 @@ class QuantizedExperts(nn.Module):
     (or all at once with `load_stacked`); `is_complete()` says whether every slot was filled.
 
     `held` (default: all) is the range of experts this module stores: one FSDP2 rank's shard (`expert_shard`), so a
-    rank never holds, reads or quantises the others. Such a module only computes once `finetune.sharding` has turned
+    rank never holds, reads or quantises the others. Such a module only computes once `finetune.distributed.sharding` has turned
     its storage into FSDP2 parameters of the full shape (`sharded_storage` / `adopt_sharded`).
     """
 

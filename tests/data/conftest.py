@@ -12,7 +12,7 @@ TINY_DIMS = {"hidden_size": 32, "intermediate_size": 64, "layers": 1}
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from finetune.tiny import write_tokenizer
+    from finetune.model.tiny import write_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
     write_tokenizer(path)
@@ -30,7 +30,7 @@ def tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from finetune.tiny import TinySpec, write_tiny_model
+    from finetune.model.tiny import TinySpec, write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"), TinySpec(**TINY_DIMS))
 
@@ -40,7 +40,7 @@ def mistral_instruct():
     """mistral-common's own v1 instruct tokenizer: the oracle for the Mixtral format."""
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from finetune.tiny import mistral_v1_tokenizer_file
+    from finetune.model.tiny import mistral_v1_tokenizer_file
 
     return MistralTokenizer.from_file(str(mistral_v1_tokenizer_file())).instruct_tokenizer
 

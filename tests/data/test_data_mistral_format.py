@@ -10,7 +10,7 @@ from mistral_common.protocol.instruct.request import InstructRequest
 
 from data_tools.chat import IGNORE, FormatSpec, MistralEncoder
 from data_tools.validate import check_conversation
-from finetune.tiny import mistral_v1_tokenizer_file
+from finetune.model.tiny import mistral_v1_tokenizer_file
 
 PIECES = [
     "What is 2 + 2?",

@@ -112,7 +112,7 @@ def test_config_rejects_bad_settings():
 
 
 def test_preference_data_tokenised_with_skips_and_holdout(tmp_path, write_jsonl, tokenizer, tiny_model_dir):
-    from data_tools.pipeline import prepare_data
+    from data_tools.prepare import prepare_data
 
     rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(30)]
     rows.append({"prompt": "q", "chosen": "same", "rejected": "same"})

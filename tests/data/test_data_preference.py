@@ -14,10 +14,10 @@ from data_tools.chat import FormatSpec
 from data_tools.config import DataConfig
 from data_tools.errors import DataError
 from data_tools.formats import detect_format, to_unpaired, unpair
-from data_tools.pipeline import check_data_kind, prepare_data
 from data_tools.preference import tokenize_preference, truncate
+from data_tools.prepare import check_data_kind, prepare_data
 from data_tools.validate import load_source
-from finetune.tiny import mistral_v1_tokenizer_file
+from finetune.model.tiny import mistral_v1_tokenizer_file
 
 PIECES = ["What is 2 + 2?", "日本語で答えて", "emoji 😀", "[INST]", "[/INST]", "<s>", "</s>", "a\n\nb", "  x", "42"]
 

@@ -8,7 +8,7 @@ from data_tools.chat import FormatSpec, MistralEncoder
 from data_tools.io import BUILTINS
 from data_tools.samples import make_tiny_chat
 from data_tools.validate import load_source
-from finetune.tiny import mistral_v1_tokenizer_file
+from finetune.model.tiny import mistral_v1_tokenizer_file
 
 
 def test_generator_reproduces_the_shipped_file(tmp_path, monkeypatch):

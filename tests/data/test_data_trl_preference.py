@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data_tools.config import DataConfig
-from data_tools.pipeline import prepare_data
 from data_tools.preference import trl_ready
+from data_tools.prepare import prepare_data
 
 
 def trainer_class(base):

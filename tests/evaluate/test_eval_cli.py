@@ -13,7 +13,7 @@ from eval_helpers import GENERATION_FILE, TASK, TINY_RECIPE, read_eval, runner, 
 
 from finetune.cli import app
 from finetune.evaluate.run_eval import publish_wandb
-from finetune.tiny import TinySpec, write_tiny_model
+from finetune.model.tiny import TinySpec, write_tiny_model
 
 
 def test_eval_of_a_run_folder_repeats_the_figures_of_the_run(eval_run, tmp_path):

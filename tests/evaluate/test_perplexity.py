@@ -18,7 +18,7 @@ from data_tools.pipeline import format_spec, tokenize_records
 from data_tools.validate import load_source
 from finetune.cli import app
 from finetune.evaluate.perplexity import bootstrap_difference
-from finetune.model import load_tokenizer
+from finetune.model.load import load_tokenizer
 
 
 def stock_nll(model, ids: list[int], labels: list[int]) -> tuple[float, int]:

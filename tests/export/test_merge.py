@@ -148,7 +148,7 @@ MEASURE = textwrap.dedent(
 @pytest.fixture(scope="module")
 def mixtral_shaped(tmp_path_factory, raw_writer) -> tuple[Path, Path]:
     """A Mixtral-shaped bf16 checkpoint (hidden 1024, ffn 3584, 8 experts) in 4 shards, and an adapter for it."""
-    from finetune.tiny import TinySpec, mixtral_config
+    from finetune.model.tiny import TinySpec, mixtral_config
 
     root = tmp_path_factory.mktemp("mixtral-shaped")
     spec = TinySpec(hidden_size=1024, intermediate_size=3584, layers=2, heads=8, kv_heads=2)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from finetune.model.tiny import TinySpec, write_tiny_model
 from finetune.moe import QuantizedExperts
-from finetune.tiny import TinySpec, write_tiny_model
 
 TINY = TinySpec(hidden_size=64, intermediate_size=96, layers=2, experts=8, top_k=2, heads=4, kv_heads=2, seed=3)
 

@@ -1,6 +1,6 @@
 """One rank of the sharded-load check in test_fsdp_load.py (run by `accelerate launch` with accelerate/cpu-fsdp2.yaml).
 
-Loads the tiny model through `finetune.model.load_model` as a FSDP2 run does (each rank loads and quantises only its
+Loads the tiny model through `finetune.model.load.load_model` as a FSDP2 run does (each rank loads and quantises only its
 own experts; the model is sharded at load), counting which experts this rank quantised. Then loads the whole model
 unsharded as the reference, gives both the same seeded random LoRA, and compares loss and LoRA gradients. Each rank
 writes what it holds (shapes, bytes, the experts it quantised, whether its shard equals the reference's rows).
@@ -17,12 +17,12 @@ from accelerate import PartialState
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from finetune.model import load_model
+from finetune.distributed.sharding import adapter_to_trl_dtype, local_bytes
+from finetune.model.load import load_model
 from finetune.moe.loading import load_mixtral
 from finetune.moe.lora import apply_lora
 from finetune.moe.quantized import QuantizedExperts
-from finetune.recipe import load_recipe
-from finetune.sharding import adapter_to_trl_dtype, local_bytes
+from finetune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,9 +15,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from finetune.distributed.sharding import local_bytes
 from finetune.moe.loading import load_mixtral
 from finetune.moe.lora import apply_lora
-from finetune.sharding import local_bytes
 
 
 def main(model_dir: str, quantization: str, out: str) -> None:

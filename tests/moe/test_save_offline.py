@@ -14,8 +14,8 @@ import warnings
 import pytest
 import torch
 
-from finetune.adapter_card import BaseReference, set_base_reference
 from finetune.moe import apply_lora, load_mixtral
+from finetune.tracking.adapter_card import BaseReference, set_base_reference
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The recipe: its typed schema, the YAML reader, and how its errors read."""
