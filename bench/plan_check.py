@@ -73,8 +73,9 @@ def measure(args: argparse.Namespace) -> dict:
 
     from finetune.memory import PeakMemory
     from finetune.model.load import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from finetune.plan.estimate import Planner, Settings, read_config
-    from finetune.train.run import trainer_arguments
+    from finetune.plan.config import read_config
+    from finetune.plan.estimate import Planner, Settings
+    from finetune.train.arguments import trainer_arguments
 
     model_dir = Path(args.model_dir)
     recipe = recipe_for(model_dir, args.seq, args.grad_ckpt, args.dtype, args.device, args.steps, args.optimizer)

@@ -50,3 +50,40 @@ def in_eval(chash: str, seed: int, fraction: float) -> bool:
 def count_duplicates(hashes: list[str]) -> int:
     """How many records repeat an earlier one."""
     return len(hashes) - len(set(hashes))
+
+
+def hashed_records(file: str, fmt: str):
+    """(raw record, canonical content hash, normalised hash) for every record; invalid records stop the command."""
+    from data_tools.errors import DataError
+    from data_tools.formats import (
+        PREFERENCE_FORMATS,
+        UNPAIRED_FORMATS,
+        Problem,
+        to_conversation,
+        to_preference,
+        to_unpaired,
+    )
+    from data_tools.io import read_records
+    from data_tools.validate import mismatch, source_format
+
+    raw = list(read_records(file))
+    fmt, origin = source_format(raw, fmt, file)
+    out, problems = [], []
+    for r in raw:
+        if r.error:
+            problems.append(f"{r.where}: {r.error}")
+            continue
+        try:
+            if fmt in PREFERENCE_FORMATS:
+                canon = to_preference(r.data, fmt)
+            elif fmt in UNPAIRED_FORMATS:
+                canon = to_unpaired(r.data, fmt)
+            else:
+                canon = {"messages": to_conversation(r.data, fmt)}
+        except Problem as p:
+            problems.append(f"{r.where}: {(mismatch(r.data, fmt, origin, file) or p).detail}")
+            continue
+        out.append((r.data, content_hash(canon), normalized_hash(canon)))
+    if problems:
+        raise DataError(f"{len(problems)} invalid record(s); fix them first (see `finetune data validate`)", problems)
+    return out

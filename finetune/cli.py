@@ -11,6 +11,18 @@ from typing import Annotated
 
 import typer
 
+from finetune.cli_options import (
+    GenAdapter,
+    GenChatFormat,
+    GenMaxTokens,
+    GenModel,
+    GenQuantization,
+    GenSeed,
+    GenSystem,
+    GenTemperature,
+    GenTopP,
+    SetOption,
+)
 from finetune.errors import UserError
 from finetune.quiet import install as silence_known_noise
 
@@ -22,11 +34,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a recipe key, e.g. --set training.max_steps=10 (repeatable)"),
-]
 
 
 def fail(error: Exception) -> None:
@@ -268,29 +275,6 @@ def export_gguf(
         raise typer.Exit(1) from None
 
 
-GenModel = Annotated[
-    str,
-    typer.Option("--model", help="Model or merged folder, run folder (base + adapter), hub id, tiny-random-mixtral"),
-]
-GenAdapter = Annotated[Path | None, typer.Option(help="PEFT adapter folder (RUN/adapter) to put on --model")]
-GenQuantization = Annotated[
-    str,
-    typer.Option(
-        help="auto | nf4 | fp4 | int8 | none. auto: a run folder's own setting; nf4 with --adapter (the base a QLoRA "
-        "adapter was trained on); none for a plain or merged folder"
-    ),
-]
-GenChatFormat = Annotated[
-    str,
-    typer.Option(help="auto | mistral | chatml | template; auto: the run's, or mistral if there is tokenizer.model"),
-]
-GenSystem = Annotated[str | None, typer.Option(help="System prompt (default: the run recipe's data.system_prompt)")]
-GenMaxTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate per reply")]
-GenTemperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy (reproducible)")]
-GenTopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)")]
-GenSeed = Annotated[int | None, typer.Option(help="Seed for sampling (default: random)")]
-
-
 @app.command()
 def generate(
     model: GenModel,
@@ -400,16 +384,9 @@ def eval_(
     typer.echo(f"eval: {', '.join(str(p) for p in written)}", err=True)
 
 
-def mount_data_commands() -> None:
-    try:
-        from finetune.cli_data import app as data_app
-    except ImportError as e:  # keep the rest of the CLI usable if the data extras are broken
-        print(f"warning: `finetune data` unavailable: {e}", file=sys.stderr)
-        return
-    app.add_typer(data_app, name="data", help="Prepare data: convert, validate, inspect, tokenize, split, dedupe")
+from finetune.cli_data import app as data_app  # noqa: E402  (its commands are thin too: imports inside each)
 
-
-mount_data_commands()
+app.add_typer(data_app, name="data", help="Prepare data: convert, validate, inspect, tokenize, split, dedupe")
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from data_tools.hygiene import hashed_records
+
 app = typer.Typer(help="Prepare data: validate, convert, tokenize, preview, stats, split, dedupe", no_args_is_help=True)
 
 FormatOpt = Annotated[
@@ -320,44 +322,6 @@ def stats(
         typer.echo(f"wrote {plot}")
 
 
-def _raw_and_hash(file: str, fmt: str):
-    """(raw record, canonical content hash, normalised hash) for every record; invalid records stop the command."""
-    from data_tools.errors import DataError
-    from data_tools.formats import (
-        PREFERENCE_FORMATS,
-        UNPAIRED_FORMATS,
-        Problem,
-        to_conversation,
-        to_preference,
-        to_unpaired,
-    )
-    from data_tools.hygiene import content_hash, normalized_hash
-    from data_tools.io import read_records
-    from data_tools.validate import mismatch, source_format
-
-    raw = list(read_records(file))
-    fmt, origin = source_format(raw, fmt, file)
-    out, problems = [], []
-    for r in raw:
-        if r.error:
-            problems.append(f"{r.where}: {r.error}")
-            continue
-        try:
-            if fmt in PREFERENCE_FORMATS:
-                canon = to_preference(r.data, fmt)
-            elif fmt in UNPAIRED_FORMATS:
-                canon = to_unpaired(r.data, fmt)
-            else:
-                canon = {"messages": to_conversation(r.data, fmt)}
-        except Problem as p:
-            problems.append(f"{r.where}: {(mismatch(r.data, fmt, origin, file) or p).detail}")
-            continue
-        out.append((r.data, content_hash(canon), normalized_hash(canon)))
-    if problems:
-        raise DataError(f"{len(problems)} invalid record(s); fix them first (see `finetune data validate`)", problems)
-    return out
-
-
 @app.command()
 @guarded
 def split(
@@ -382,7 +346,7 @@ def split(
         raise DataError(f"--ext {ext!r} is not supported; use jsonl, json, parquet or csv")
     train_path, eval_path = out_dir / f"train.{ext}", out_dir / f"eval.{ext}"
     inputs = _claim_outputs(file, [train_path, eval_path], overwrite)
-    rows = _raw_and_hash(file, fmt)
+    rows = hashed_records(file, fmt)
     held = [in_eval(h, seed, eval_fraction) for _, h, _ in rows]
     n_train = write_records(
         train_path, (r for (r, _, _), e in zip(rows, held, strict=True) if not e), overwrite, inputs
@@ -404,7 +368,7 @@ def dedupe(
 
     _check_format(fmt)
     inputs = _claim_outputs(file, [out], overwrite)
-    rows = _raw_and_hash(file, fmt)
+    rows = hashed_records(file, fmt)
     seen: set[str] = set()
     kept = []
     for raw, _, norm in rows:

@@ -29,7 +29,7 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
         r"transformers\.modeling_utils",
     ),
     # torch 2.13's DDP deprecates broadcast_buffers, which accelerate passes on from TrainingArguments. We set it to
-    # False on purpose (train.trainer_arguments: buffers are identical on every rank, so none is synced at init or
+    # False on purpose (train.arguments.trainer_arguments: buffers are identical on every rank, so none is synced at init or
     # per step), and torch's own message says to keep broadcast_buffers=False for exactly that case.
     (
         r"`broadcast_buffers` is deprecated\. Use `forward_sync_buffers` instead",

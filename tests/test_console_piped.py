@@ -220,7 +220,7 @@ def test_stock_displays_are_replaced_by_the_one_readable_display():
 def test_train_arguments_turn_the_tqdm_bar_off():
     import torch
 
-    from finetune.train.run import trainer_arguments
+    from finetune.train.arguments import trainer_arguments
 
     recipe = load_recipe(TINY)
     assert trainer_arguments(recipe, Path("unused"), torch.device("cpu"), torch.float32)["disable_tqdm"] is True

@@ -1,1 +1,1 @@
-"""The recipe: its typed schema, the YAML reader, and how its errors read."""
+"""The recipe: its typed schema (split by section), the YAML reader, error formatting, secret scrubbing."""

@@ -1,1 +1,1 @@
-"""What a run records and shows: sinks, secret scrubbing, console, samples, routing panels, report, card."""
+"""What a run records and shows: sinks, callbacks, console, samples, routing panels, the report and the card."""

@@ -10,6 +10,7 @@ import json
 import platform
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from finetune.tracking.adapter_card import base_reference, set_base_reference, w
 from finetune.tracking.callbacks import tracking_callbacks
 from finetune.tracking.console import use_readable_progress
 from finetune.tracking.sinks import Tracker, make_tracker, run_config
+from finetune.train.arguments import init_adapter, trainer_arguments
 from finetune.train.checkpoints import (
     adapter_staging,
     clean_leftovers,
@@ -41,7 +43,6 @@ from finetune.train.checkpoints import (
     publish_run,
     resolved_recipe,
     scan,
-    staging_dir,
     trim_log,
     world_size_problem,
 )
@@ -95,48 +96,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def trainer_arguments(recipe: Recipe, output_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Keyword arguments for TRL's config: the recipe's training section, then training.extra on top."""
-    t = recipe.training
-    args: dict[str, Any] = {
-        "output_dir": str(staging_dir(output_dir)),  # checkpoints.publish moves each finished one to checkpoints/
-        "max_steps": t.max_steps,
-        "num_train_epochs": t.num_epochs,
-        "seed": t.seed,
-        "data_seed": t.seed,
-        "learning_rate": t.learning_rate,
-        "lr_scheduler_type": t.lr_scheduler,
-        "warmup_steps": t.warmup_ratio,
-        "per_device_train_batch_size": t.batch_size,
-        "per_device_eval_batch_size": t.batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        # transformers 5 names; the old gradient_checkpointing* names warn on every run, even when off
-        "activation_checkpointing": t.gradient_checkpointing,
-        "activation_checkpointing_kwargs": {"use_reentrant": False},
-        "optim": t.optimizer,
-        "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm,
-        "logging_steps": t.logging_steps,
-        "logging_first_step": True,
-        "save_strategy": "steps" if t.save_steps else "no",  # timed and signal saves: interrupt.CheckpointControl
-        "save_steps": t.save_steps or 500,
-        "save_total_limit": None,  # rotation is ours, among complete checkpoints only (checkpoints.rotate)
-        "report_to": "none",
-        "bf16": dtype == torch.bfloat16,
-        "fp16": dtype == torch.float16,
-        "use_cpu": device.type == "cpu",
-        "dataloader_num_workers": 0,
-        # False: DDP syncs buffers neither at init nor per step (the one buffer, rotary inv_freq, is the same on every
-        # rank). Parameters DDP broadcasts at init regardless, frozen too: train.run calls ddp_ignore_frozen for those
-        "ddp_broadcast_buffers": False,
-        "max_length": recipe.data.max_length,
-        "router_aux_loss_coef": recipe.moe.aux_loss_coef if recipe.moe.aux_loss else 0.0,
-        "disable_tqdm": True,  # console.ReadableProgress is the one display: a line per log, no tqdm bar
-        "logging_nan_inf_filter": False,  # a NaN/inf loss must show (and stop the run), not be averaged away
-    }
-    return {**args, **recipe.training.extra}
-
-
 def data_summary(stats: dict[str, Any]) -> str:
     """One line on what will be trained: records, skipped records (never silent), tokens, packing."""
     parts = [f"data: {stats.get('train_records')} train / {stats.get('eval_records')} eval records"]
@@ -154,13 +113,42 @@ def data_summary(stats: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def init_adapter(recipe: Recipe) -> Path | None:
-    """The adapter a preference run starts from (`dpo.init_adapter`): the folder itself or its adapter/."""
-    from finetune.recipe.schema import method_settings
-    from finetune.train.preflight import init_adapter_dir
+@dataclass
+class Start:
+    """Where a run starts: its folder, a finished run there (replaced with --overwrite), the checkpoint it resumes."""
 
-    path = getattr(method_settings(recipe), "init_adapter", None)
-    return init_adapter_dir(Path(path).expanduser()) if path else None
+    output_dir: Path
+    resume: bool
+    finished: list[str]
+    found: Any  # checkpoints.scan: complete checkpoints and leftovers
+    latest: tuple[int, Path] | None  # (step, folder) resumed from
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class Session:
+    """The trainer and everything that watches it: tracking, samples, divergence, signals, checkpoints, progress."""
+
+    trainer: Any
+    method: Any
+    tracker: Tracker
+    tracking: Any
+    samples: Any
+    expert_load: Any
+    divergence: DivergenceGuard
+    stop: StopOnSignal
+    saving: CheckpointControl
+    progress: Any
+
+
+@dataclass
+class Trained:
+    """What the training loop gave: the trainer's result, its memory, and its times."""
+
+    result: Any
+    peak: PeakMemory
+    train_seconds: float
+    step_seconds: float
 
 
 @restores_signals  # StopOnSignal, installed when training starts, stays through the final evaluation and write
@@ -173,12 +161,17 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
 
     # every refusal possible before loading, a resume from a different recipe included; `finetune validate` runs it
     check(recipe, overwrite=overwrite, resume=resume)
-    from data_tools.prepare import prepare_data
-    from finetune.train.methods import METHODS
+    start = find_start(recipe, overwrite=overwrite, resume=resume)
+    model_dir, tokenizer, prepared = prepare_inputs(recipe, force=force)
+    loaded, base = load(recipe, model_dir)
+    prepare_outputs(recipe, start, prepared)
+    session = build_trainer(recipe, start, loaded, tokenizer, prepared)
+    trained = train(session, start, loaded, prepared)
+    return finish(recipe, start, session, trained, loaded, tokenizer, prepared, model_dir, base)
 
-    method = METHODS[recipe.method]
 
-    started = time.time()
+def find_start(recipe: Recipe, *, overwrite: bool, resume: bool) -> Start:
+    """A fresh start, a resume from the newest complete checkpoint, or the replacement of a finished run."""
     output_dir = Path(recipe.output_dir)
     finished = finished_run_markers(output_dir, overwrite)
     found = scan(output_dir)
@@ -187,101 +180,162 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
     if problem:
         raise UserError(problem)
     torch.manual_seed(recipe.training.seed)
+    return Start(output_dir, resume, finished, found, latest)
 
-    # data is validated and tokenised before the model is loaded: a bad record costs seconds, not a model load
+
+def prepare_inputs(recipe: Recipe, *, force: bool) -> tuple[Path, Any, Any]:
+    """The model folder, the tokenizer and the tokenised data, before the model loads: a bad record costs seconds."""
+    from data_tools.prepare import prepare_data
+    from finetune.plan.estimate import preflight
+    from finetune.train.methods import METHODS
+
     model_dir = resolve_model_dir(
         recipe.model.path, revision=recipe.model.revision, allow_pickle=recipe.model.allow_pickle
     )
     check_model_dir(model_dir, recipe.model)
-    from finetune.plan.estimate import preflight
-
-    rank0_echo = print if is_main_process() else lambda *_: None  # the estimate once, from rank 0
-    preflight(recipe, model_dir, force=force, echo=rank0_echo)  # on CUDA, stop when it clearly does not fit
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
     main_process = is_main_process()  # under accelerate/torchrun only rank 0 prints the data, writes outputs, tracks
+    echo = print if main_process else lambda *_: None
+    preflight(recipe, model_dir, force=force, echo=echo)  # on CUDA, stop when it clearly does not fit
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
     with local_main_first(resolve_device(recipe.model.device)):  # the other ranks then read the tokenisation cache
         prepared = prepare_data(
-            recipe.data, tokenizer, model_dir=model_dir, seed=recipe.training.seed, method=recipe.method,
-            echo=print if main_process else lambda *_: None,
-        )  # fmt: skip
+            recipe.data, tokenizer, model_dir=model_dir, seed=recipe.training.seed, method=recipe.method, echo=echo
+        )
     if main_process:
         print(data_summary(prepared.stats))
-        method.show_first_record(prepared.train, tokenizer)
+        METHODS[recipe.method].show_first_record(prepared.train, tokenizer)
+    return model_dir, tokenizer, prepared
 
+
+def load(recipe: Recipe, model_dir: Path) -> tuple[Any, str]:
+    """The quantised model with LoRA attached, and the portable name of its base that the adapter records."""
     loaded = load_model(
         recipe.model, recipe.lora, model_dir, train_aux=recipe.moe.aux_loss, init_adapter=init_adapter(recipe)
     )
-    for line in loaded.summary if main_process else []:
+    for line in loaded.summary if is_main_process() else []:
         print(line)
-    model = loaded.model
     base = base_reference(recipe.model.path, model_dir, recipe.model.revision)
-    set_base_reference(model, base)  # adapters name the base portably, not this machine's cache path
+    set_base_reference(loaded.model, base)  # adapters name the base portably, not this machine's cache path
+    return loaded, base
 
-    if main_process:
-        clear_output_dir(output_dir, finished)
-        if not resume:  # the old run's checkpoints and logs go first, so the two runs never mix
-            clear_checkpoints(output_dir)
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                (output_dir / name).unlink(missing_ok=True)
-        elif not finished:
-            for line in clean_leftovers(found):
-                print(line)
-            if latest is not None:
-                trim_log(output_dir / "metrics.jsonl", latest[0])  # rows the killed run logged after its checkpoint
-        unit = "packed rows" if prepared.stats.get("packing_efficiency") is not None else "rows"
-        rows = len(prepared.train)
-        resolved = run_length_notes(scrub_yaml(dump_recipe(recipe)), recipe.training, rows, world_size(), unit)
-        (output_dir / "recipe.yaml").write_text(resolved, encoding="utf-8")  # says what sets the run's length
+
+def prepare_outputs(recipe: Recipe, start: Start, prepared: Any) -> None:
+    """Rank 0 clears what this run replaces, trims what a killed run left, and writes the resolved recipe."""
+    if not is_main_process():
+        return
+    output_dir = start.output_dir
+    clear_output_dir(output_dir, start.finished)
+    if not start.resume:  # the old run's checkpoints and logs go first, so the two runs never mix
+        clear_checkpoints(output_dir)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (output_dir / name).unlink(missing_ok=True)
+    elif not start.finished:
+        for line in clean_leftovers(start.found):
+            print(line)
+        if start.latest is not None:
+            trim_log(output_dir / "metrics.jsonl", start.latest[0])  # rows the killed run logged after its checkpoint
+    unit = "packed rows" if prepared.stats.get("packing_efficiency") is not None else "rows"
+    rows = len(prepared.train)
+    resolved = run_length_notes(scrub_yaml(dump_recipe(recipe)), recipe.training, rows, world_size(), unit)
+    (output_dir / "recipe.yaml").write_text(resolved, encoding="utf-8")  # says what sets the run's length
+
+
+def build_trainer(recipe: Recipe, start: Start, loaded: Any, tokenizer: Any, prepared: Any) -> Session:
+    """TRL's trainer for the method, with the tracking, divergence, signal and checkpoint callbacks."""
+    from finetune.train.methods import METHODS
+
+    method = METHODS[recipe.method]
+    main_process = is_main_process()
     config = run_config(recipe.model_dump(mode="json"), loaded, library_versions())
-    tracker = make_tracker(recipe, output_dir, config) if main_process else Tracker([])
+    tracker = make_tracker(recipe, start.output_dir, config) if main_process else Tracker([])
     tracking, samples, expert_load = tracking_callbacks(recipe, tracker, loaded, tokenizer, prepared, main_process)
+    if start.latest is not None:
+        tracking.first_loss = first_logged_loss(start.output_dir / "metrics.jsonl")
     divergence = DivergenceGuard()
-    if latest is not None:
-        tracking.first_loss = first_logged_loss(output_dir / "metrics.jsonl")
     stop = StopOnSignal()
     saving = CheckpointControl(
         stop,
         save_minutes=recipe.training.save_minutes,
         save_total_limit=recipe.training.save_total_limit,
         recipe_text=resolved_recipe(recipe),
-        resume_step=latest[0] if latest else None,
+        resume_step=start.latest[0] if start.latest else None,
     )
-
-    kwargs = trainer_arguments(recipe, output_dir, loaded.device, loaded.dtype)
+    kwargs = trainer_arguments(recipe, start.output_dir, loaded.device, loaded.dtype)
     kwargs.update(prepared.trainer_kwargs)
     kwargs.update(cpu_fsdp_arguments(loaded.device, loaded.dtype))  # FSDP2 on CPU (accelerate enables it on GPUs)
     if prepared.eval is not None:
         kwargs.update(eval_strategy="steps" if recipe.training.eval_steps else "no")
         kwargs.update(eval_steps=recipe.training.eval_steps)
     callbacks = [tracking, samples, divergence, saving]
-    ddp_ignore_frozen(model)  # DDP's initial broadcast: the adapter only, not the 4-bit base every rank loaded
-    trainer = method.build_trainer(recipe, model, tokenizer, prepared, kwargs, callbacks)
+    ddp_ignore_frozen(loaded.model)  # DDP's initial broadcast: the adapter only, not the 4-bit base every rank loaded
+    trainer = method.build_trainer(recipe, loaded.model, tokenizer, prepared, kwargs, callbacks)
     progress = use_readable_progress(trainer)  # a readable line per logging step; times the training steps
+    return Session(trainer, method, tracker, tracking, samples, expert_load, divergence, stop, saving, progress)
+
+
+def train(session: Session, start: Start, loaded: Any, prepared: Any) -> Trained:
+    """The training loop, then the final evaluation and the divergence check; a signal raises `Interrupted`."""
+    trainer, stop = session.trainer, session.stop
     train_started = time.time()
     stop.install()  # until run returns: a signal after the last step lets it finish, a second exits (resumable)
-    with PeakMemory(loaded.device) as train_peak:
+    with PeakMemory(loaded.device) as peak:
         try:
-            result = trainer.train(resume_from_checkpoint=str(latest[1]) if latest else None)
+            result = trainer.train(resume_from_checkpoint=str(start.latest[1]) if start.latest else None)
         except AlreadyTrained:  # resumed from the last step's checkpoint (killed while finishing): only finish
-            result = nothing_left_to_train(trainer, tracking)
+            result = nothing_left_to_train(trainer, session.tracking)
     train_seconds = time.time() - train_started
-    step_seconds = progress.step_seconds
-    stopped = interrupted(saving, stop, output_dir, trainer.state.max_steps)
+    stopped = interrupted(session.saving, stop, start.output_dir, trainer.state.max_steps)
     if stopped is not None:  # not finished: no adapter, no metrics.json, so the same command resumes
-        if expert_load is not None:
-            expert_load.remove()
-        tracker.close()
+        if session.expert_load is not None:
+            session.expert_load.remove()
+        session.tracker.close()
         raise stopped
-    if prepared.eval is not None and not divergence.problem:
+    if prepared.eval is not None and not session.divergence.problem:
         trainer.evaluate()  # logged through the tracking callback
-    divergence.check(model)  # a NaN/inf loss or adapter weight stops here: no adapter, no metrics.json
-    if expert_load is not None:
-        expert_load.remove()
+    session.divergence.check(loaded.model)  # a NaN/inf loss or adapter weight stops here: no adapter, no metrics.json
+    if session.expert_load is not None:
+        session.expert_load.remove()
+    return Trained(result, peak, train_seconds, session.progress.step_seconds)
 
+
+def finish(
+    recipe: Recipe, start: Start, session: Session, trained: Trained, loaded: Any, tokenizer: Any, prepared: Any,
+    model_dir: Path, base: str,
+) -> dict[str, Any]:  # fmt: skip
+    """metrics.json and the adapter, published together once whole; then the recipe's evaluation, if any."""
+    model, tracker = loaded.model, session.tracker
+    main_process = is_main_process()
+    metrics = run_metrics(recipe, start, session, trained, loaded, prepared)
+    staged = adapter_staging(start.output_dir, clear=main_process)  # renamed to adapter/ once whole (publish_run)
+    save_gathered_adapter(model, staged, main_process)  # under FSDP2 all ranks gather it
+    if main_process:
+        tokenizer.save_pretrained(str(staged))
+        write_card(staged, recipe, metrics, base)
+        with session.stop.deferring_exit():  # a second signal now exits after the renames, not between them
+            publish_run(staged, start.output_dir, json.dumps(metrics, indent=2, default=str))
+        if recipe.tracking.log_adapter:
+            tracker.log_artifact(start.output_dir / "adapter")
+    step = trained.result.global_step
+    tracker.log({f"summary/{k}": v for k, v in metrics.items()}, step=step)
+    if recipe.evaluation is not None and main_process:  # base vs adapter on the model in memory: eval.json
+        from finetune.evaluate.run_eval import evaluate_after_training
+
+        eval_rows = prepared.eval if recipe.method == "sft" else None
+        evaluate_after_training(recipe, model, tokenizer, model_dir, eval_rows, tracker, step)
+    tracker.close()
+    return metrics
+
+
+def run_metrics(
+    recipe: Recipe, start: Start, session: Session, trained: Trained, loaded: Any, prepared: Any
+) -> dict[str, Any]:
+    """metrics.json: losses, method figures, tokens and their rate over the steps alone, memory, data, versions."""
+    tracking, method, result = session.tracking, session.method, trained.result
+    model, step_seconds = loaded.model, trained.step_seconds
     tokens = int(tracking.num_tokens or 0)  # TRL gathers it over the ranks: the global count
     world = world_size()
     checksums = checksums_by_rank(model)  # a collective on every rank; equal checksums: the ranks stayed in sync
-    metrics = {
+    return {
         "first_loss": tracking.first_loss,
         "final_train_loss": tracking.last_loss,
         "train_loss_mean": result.training_loss,
@@ -301,14 +355,17 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
         "tokens_per_second": tokens / step_seconds if step_seconds > 0 else None,
         "tokens_per_second_per_device": tokens / step_seconds / world if step_seconds > 0 else None,
         # a resumed run counts tokens and times steps in this process only: the steps after its checkpoint
-        "tokens_per_second_covers": {"from_step": latest[0] if latest else 0, "to_step": result.global_step},
+        "tokens_per_second_covers": {
+            "from_step": start.latest[0] if start.latest else 0,
+            "to_step": result.global_step,
+        },
         **({"adapter_checksum_by_rank": checksums} if checksums else {}),
         "step_seconds": step_seconds,  # in training steps (forward, backward, optimizer)
-        "train_seconds": train_seconds,  # wall time of the training loop: steps, evaluation, checkpoints, samples
-        "sample_seconds": samples.seconds,
-        "wall_seconds": time.time() - started,
-        "peak_memory": train_peak.peak,
-        "train_memory_added": train_peak.delta,  # peak above the level when training started (see memory.py)
+        "train_seconds": trained.train_seconds,  # wall time of the training loop: steps, evaluation, checkpoints, samples
+        "sample_seconds": session.samples.seconds,
+        "wall_seconds": time.time() - start.started,
+        "peak_memory": trained.peak.peak,
+        "train_memory_added": trained.peak.delta,  # peak above the level when training started (see memory.py)
         "peak_memory_kind": "cuda_max_allocated" if loaded.device.type == "cuda" else "process_rss",
         "load_peak_memory": loaded.load_peak_memory,
         "load_memory_added": loaded.load_memory_added,  # host RSS above the start of loading, FSDP2 sharding included
@@ -324,20 +381,3 @@ def run(recipe: Recipe, *, overwrite: bool = False, force: bool = False, resume:
         "data": prepared.stats,
         "versions": library_versions(),
     }
-    staged = adapter_staging(output_dir, clear=main_process)  # renamed to adapter/ once whole (publish_run)
-    save_gathered_adapter(model, staged, main_process)  # under FSDP2 all ranks gather it
-    if main_process:
-        tokenizer.save_pretrained(str(staged))
-        write_card(staged, recipe, metrics, base)
-        with stop.deferring_exit():  # a second signal now exits after the renames, not between them
-            publish_run(staged, output_dir, json.dumps(metrics, indent=2, default=str))
-        if recipe.tracking.log_adapter:
-            tracker.log_artifact(output_dir / "adapter")
-    tracker.log({f"summary/{k}": v for k, v in metrics.items()}, step=result.global_step)
-    if recipe.evaluation is not None and main_process:  # base vs adapter on the model in memory: eval.json
-        from finetune.evaluate.run_eval import evaluate_after_training
-
-        eval_rows = prepared.eval if recipe.method == "sft" else None
-        evaluate_after_training(recipe, model, tokenizer, model_dir, eval_rows, tracker, result.global_step)
-    tracker.close()
-    return metrics
