@@ -73,3 +73,34 @@ def test_without_it_ddp_would_broadcast_the_quantised_experts(tiny_dir, gloo_gro
     DistributedDataParallel(model)
     experts = [p for n, p in model.named_parameters() if ".experts." in n and not p.requires_grad]
     assert experts and {_ptr(p) for p in experts} <= broadcast
+
+
+def test_ddp_with_the_runs_find_unused_setting_steps_without_its_warning(tiny_dir, gloo_group, capfd):
+    """The run's DDP `find_unused_parameters` (trainer_arguments; transformers' default for a PEFT model is True)
+    is False and right: two steps go through (DDP would stop at the second if a trainable parameter got no
+    gradient), every trainable parameter has one, and the reducer's C++ "did not find any unused parameters"
+    warning, printed to stderr once per rank, has no cause."""
+    from pathlib import Path
+
+    from finetune.recipe.schema import load_recipe
+    from finetune.train.arguments import trainer_arguments
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny-mixtral-sft.yaml")
+    args = trainer_arguments(recipe, Path("unused"), torch.device("cpu"), torch.float32)
+    find_unused = args.get("ddp_find_unused_parameters")
+    find_unused = True if find_unused is None else find_unused  # what transformers' Trainer does with None
+    base, _ = load_mixtral(tiny_dir, quantization="nf4", dtype=torch.float32)
+    model = apply_lora(base, attention_targets=["q_proj", "v_proj"], r=2, alpha=4, dropout=0.0,
+                       expert_targets=["gate_up_proj", "down_proj"], expert_r=2, expert_alpha=4,
+                       train_router=True)  # fmt: skip
+    ddp_ignore_frozen(model)
+    wrapped = DistributedDataParallel(model, find_unused_parameters=find_unused)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 6, 10, 14, 18, 22, 26, 30]])
+    for _ in range(2):
+        model.zero_grad()
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".experts." in n for n in trainable) and any("mlp.gate" in n for n in trainable)
+    assert not [n for n, p in trainable.items() if p.grad is None]
+    err = capfd.readouterr().err
+    assert "find_unused_parameters" not in err, err[-2000:]

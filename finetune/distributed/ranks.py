@@ -15,6 +15,12 @@ from collections.abc import Iterator
 
 import torch
 
+# DDP's `find_unused_parameters`. Every parameter DDP sees is trainable (ddp_ignore_frozen names the rest) and every
+# forward reaches each one: attention LoRA, each layer's expert LoRA as whole tensors (an expert without tokens gets
+# zero rows, never no gradient) and the trained router's copy. So DDP need not look for unused ones: transformers'
+# default for a PEFT model (True) makes it traverse the autograd graph every step and warn that it found none.
+DDP_FIND_UNUSED_PARAMETERS = False
+
 
 def world_size() -> int:
     """Processes in the run, as the launcher (accelerate, torchrun) set it; 1 when not launched."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from finetune.distributed.ranks import DDP_FIND_UNUSED_PARAMETERS
 from finetune.recipe.schema import Recipe
 from finetune.train.checkpoints import staging_dir
 
@@ -45,6 +46,7 @@ def trainer_arguments(recipe: Recipe, output_dir: Path, device: torch.device, dt
         # False: DDP syncs buffers neither at init nor per step (the one buffer, rotary inv_freq, is the same on every
         # rank). Parameters DDP broadcasts at init regardless, frozen too: train.run calls ddp_ignore_frozen for those
         "ddp_broadcast_buffers": False,
+        "ddp_find_unused_parameters": DDP_FIND_UNUSED_PARAMETERS,  # every trainable parameter has a gradient each step
         "max_length": recipe.data.max_length,
         "router_aux_loss_coef": recipe.moe.aux_loss_coef if recipe.moe.aux_loss else 0.0,
         "disable_tqdm": True,  # console.ReadableProgress is the one display: a line per log, no tqdm bar

@@ -67,3 +67,23 @@ def test_piped_data_preview_marks_trained_tokens(tmp_path, tokenizer_dir, write_
     assert len(records) == 2 and all("[/INST] «" in line and line.endswith("</s>»") for line in records), records
     assert result.output.rstrip().endswith(PLAIN_LEGEND)
     assert "trained  masked (-100)" not in result.output
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto"])
+def test_piped_first_training_record_has_marks_and_the_plain_legend(method, tokenizer, record, capsys):
+    """The run's first-record display (train/methods/*.show_first_record), piped: DPO and KTO print the « » legend
+    and a header in words, as SFT does, never "dim"/"highlighted", which mean nothing without colour."""
+    from finetune.train.methods import dpo, kto, sft
+
+    ids, labels = record
+    prompt = ids[: labels.index(next(x for x in labels if x != -100))]
+    rows = {
+        "sft": {"input_ids": ids, "labels": labels},
+        "dpo": {"prompt_ids": prompt, "chosen_ids": ids[len(prompt) :], "rejected_ids": [tokenizer.eos_token_id]},
+        "kto": {"prompt_ids": prompt, "completion_ids": ids[len(prompt) :], "label": True},
+    }
+    {"sft": sft, "dpo": dpo, "kto": kto}[method].show_first_record([rows[method]], tokenizer)
+    out = capsys.readouterr().out
+    assert out.startswith("first training record (") and "«4</s>»" in out, out
+    assert out.rstrip().endswith(PLAIN_LEGEND), out
+    assert "highlighted" not in out and "dim" not in out, out

@@ -20,15 +20,21 @@ SUMMARY_KEYS = (
 
 
 def show_first_record(dataset, tokenizer) -> None:
+    """Print the first training record with its loss mask, as SFT's does: the header says what is trained in words
+    (no colour needed) and the legend says how it shows, highlighted on a terminal or between « » when piped."""
     from rich.console import Console
 
-    from data_tools.preview import preference_view
+    from data_tools.preview import LEGEND, preference_view
 
     if len(dataset) == 0:
         return
+    row = dataset[0]
+    sides = ("chosen", "rejected") if "chosen_ids" in row else ("completion",)
+    counts = ", ".join(f"{side} {len(row[f'{side}_ids'])}" for side in sides)
     console = Console()
-    console.print("first training record (prompt dim, no loss; completions highlighted):")
-    console.print(preference_view(dataset[0], tokenizer))
+    console.print(f"first training record (prompt {len(row['prompt_ids'])} tokens, no loss; {counts} trained):")
+    console.print(preference_view(row, tokenizer))
+    console.print(LEGEND)
 
 
 def build_trainer(
