@@ -210,6 +210,23 @@ def test_what_fsdp2_cannot_shard_is_refused_before_loading(monkeypatch, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_sharding_at_load_is_the_default_and_can_be_turned_off(monkeypatch):
+    """FSDP2 launches shard while loading unless FINETUNE_SHARD_AT_LOAD=0: then every rank loads whole (on GPUs the
+    experts staged in host memory) and the Trainer shards through accelerate, as before sharding at load."""
+    import torch
+
+    from finetune.distributed.sharding import expert_staging_device, load_sharding, shard_at_load
+
+    for key, value in FSDP_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("FINETUNE_SHARD_AT_LOAD", raising=False)
+    assert shard_at_load()
+    monkeypatch.setenv("FINETUNE_SHARD_AT_LOAD", "0")
+    assert not shard_at_load()
+    assert load_sharding(torch.device("cpu"), torch.bfloat16) is None  # before any process group is needed
+    assert expert_staging_device(torch.device("cuda", 0)) == torch.device("cpu")
+
+
 def test_ddp_launch_accepts_int8(monkeypatch):
     from finetune.distributed.sharding import launch_problems
     from finetune.recipe.schema import load_recipe

@@ -16,6 +16,10 @@ accelerate 1.15 turns FSDP on only for accelerator devices: a CPU launch with an
 For CPU launches (the two-process gloo tests, debugging) `cpu_fsdp_arguments` configures the accelerate state as FSDP
 before the trainer exists and tells the trainer to use it (`accelerator_config.use_configured_state`, a public
 TrainingArguments option). On GPUs accelerate does all of this itself.
+
+`FINETUNE_SHARD_AT_LOAD=0` turns sharding at load off: every rank loads the whole model (on GPUs the experts in host
+memory, `expert_staging_device`) and the Trainer shards it through accelerate, as before load-time sharding. It
+costs N copies of the 4-bit experts per machine; it is there to compare against and to fall back on.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 FSDP_EXAMPLE = "accelerate/fsdp2.yaml"
+SHARD_AT_LOAD = "FINETUNE_SHARD_AT_LOAD"  # set to 0: load whole, shard after loading (see the module doc)
 FSDP_OPTIMIZER = "adamw_torch"  # what a bitsandbytes optimizer is replaced with under FSDP2 (refusals, the planner)
 # transformers optimizer names that build a bitsandbytes optimizer (transformers' trainer_optimizer dispatch table)
 BNB_OPTIMIZERS = frozenset(
@@ -48,6 +53,11 @@ def is_bnb_optimizer(name: str) -> bool:
 def fsdp_launch() -> bool:
     """True inside `accelerate launch` with an FSDP config (accelerate exports its settings as environment)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def shard_at_load() -> bool:
+    """Whether an FSDP2 launch shards while loading (the default) or after (`FINETUNE_SHARD_AT_LOAD=0`)."""
+    return os.environ.get(SHARD_AT_LOAD, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def launch_problems(recipe: Any) -> list[str]:
@@ -92,9 +102,9 @@ def quant_storage(dtype: torch.dtype) -> torch.dtype:
 
 
 def expert_staging_device(device: torch.device) -> torch.device | None:
-    """Where the quantised experts load when an FSDP launch cannot shard them at load (a multi-dimensional device
-    mesh, see `load_sharding`): host memory, as accelerate shards only after loading and the whole 4-bit stack would
-    not fit a 24 GB card first. Every rank then stages the whole stack in host memory."""
+    """Where the quantised experts load when an FSDP launch does not shard them at load (a multi-dimensional device
+    mesh, or `FINETUNE_SHARD_AT_LOAD=0`; see `load_sharding`): host memory, as accelerate shards only after loading
+    and the whole 4-bit stack would not fit a 24 GB card first. Every rank then stages the whole stack in host memory."""
     return torch.device("cpu") if fsdp_launch() and device.type == "cuda" else None
 
 
@@ -133,9 +143,9 @@ class LoadSharding:
 def load_sharding(device: torch.device, dtype: torch.dtype) -> LoadSharding | None:
     """Under an FSDP2 launch whose ranks shard over one mesh dimension: this rank's place, before anything loads.
 
-    None outside FSDP2, and for multi-dimensional meshes (HSDP, TP: `parallelism_config`), which load whole and let
-    accelerate shard later (`expert_staging_device`)."""
-    if not fsdp_launch():
+    None outside FSDP2, with `FINETUNE_SHARD_AT_LOAD=0`, and for multi-dimensional meshes (HSDP, TP:
+    `parallelism_config`), which load whole and let accelerate shard later (`expert_staging_device`)."""
+    if not fsdp_launch() or not shard_at_load():
         return None
     accelerator = fsdp_accelerator(device, dtype)
     if not accelerator.is_fsdp2:
