@@ -149,7 +149,9 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_rerun_ends_with_the_ddp_ad
     tmp_path, tiny_model_dir, reference_settings, ddp_run
 ):
     """SIGTERM to `finetune run --num-processes 2` reaches both ranks through accelerate; they agree on one step,
-    save one checkpoint and exit 143; the same command again resumes and ends with the uninterrupted DDP adapter."""
+    save one checkpoint and exit 143; the same command again resumes and ends with the uninterrupted DDP adapter.
+    The ranks wait at the signal gate (tests/signals.py) at step 3 until the signal is in: it cannot land late."""
+    from signals import at_gate, signal_gate
     from test_resume import assert_same_adapter, finish, start, wait_for
     from test_resume import run as run_resumable
 
@@ -159,13 +161,14 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_rerun_ends_with_the_ddp_ad
     out = tmp_path / "term"
     args = ["run", str(TINY), *common(reference_settings, tiny_model_dir, out), *sets("training.batch_size=1")]
     args += ["--num-processes", "2", "--accelerate-config", str(CPU_DDP.relative_to(ROOT))]
-    proc = start(args)
-    wait_for(lambda: (out / "metrics.jsonl").is_file() and bool(train_rows(out)), proc)
+    proc = start(args, script=signal_gate(tmp_path))  # the launcher and both ranks run the gate script
+    wait_for(at_gate(out), proc)  # a rank is at the end of step 3, waiting for its signal
     proc.send_signal(signal.SIGTERM)  # the launcher only, as a scheduler or Ctrl-C would: it passes it on
     code, output = finish(proc)
     assert code == 128 + signal.SIGTERM, output[-3000:]
     stopped = scan(out).latest
     assert stopped is not None and stopped[0] < STEPS, output[-3000:]
+    assert stopped[0] == 3, output[-3000:]  # the gate's step, on both ranks (one checkpoint, agreed)
     assert f"stopped by SIGTERM at step {stopped[0]} of {STEPS}" in output
     assert not (out / "metrics.json").exists()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -236,9 +237,7 @@ while time.monotonic() < deadline:
     time.sleep(0.01)
 sys.exit(1)
 """
-LAUNCHER = (
-    "import sys; from finetune import launch; sys.exit(launch.run([sys.executable, '-c', sys.argv[1], sys.argv[2]]))"
-)
+LAUNCHER = "import sys; from finetune.train import launch; sys.exit(launch.run([sys.executable, '-c', *sys.argv[1:]]))"
 
 
 def test_run_passes_sigterm_to_the_child_and_exits_with_its_code(tmp_path):
@@ -248,8 +247,12 @@ def test_run_passes_sigterm_to_the_child_and_exits_with_its_code(tmp_path):
     deadline = time.monotonic() + 600  # bounds a hang only (two interpreters starting on a loaded machine)
     while not ready.exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert ready.exists(), "the child never started"
-    launcher.send_signal(signal.SIGTERM)  # as a scheduler would: to the launcher only (the child has its own session)
+    if not ready.exists():
+        launcher.kill()
+        pytest.fail(f"the child never started:\n{launcher.communicate()[0][-3000:]}")
+    # as a scheduler would: to the launcher only (the child has its own session); its handler was in place before
+    # the child started, so the child's "ready" means the signal is passed on
+    launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=600)
     assert "child got SIGTERM" in out  # passed on: the child handled it, the launcher waited for it
     assert launcher.returncode == 128 + signal.SIGTERM, out  # it failed (7) because of the signal: 143
@@ -264,3 +267,35 @@ def test_run_exits_with_the_child_code():
 def test_run_reports_a_child_killed_by_a_signal_as_128_plus_the_signal():
     code = launch.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], echo=print)
     assert code == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_as_the_child_starts_is_passed_on_and_the_handlers_are_put_back(monkeypatch, sig):
+    """The earliest moment: the signal is handled as Popen returns, before a handler installed after Popen could
+    exist. It reaches the child once the child exists; the handler that was there before never sees it."""
+    main = threading.main_thread().ident
+    children: list[subprocess.Popen] = []
+    missed: list[int] = []
+
+    def before(signum, _frame):  # the handler `run` replaces: a signal here is one `run` did not pass on
+        missed.append(signum)
+        for child in children:
+            child.kill()  # so the launch ends now, not when the child's sleep ends
+
+    real_popen = subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs):
+        children.append(real_popen(*args, **kwargs))
+        signal.pthread_kill(main, sig)  # to this (the main) thread: its handler has run when pthread_kill returns
+        return children[-1]
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_then_signal)
+    previous = signal.signal(sig, before)
+    try:
+        code = launch.run([sys.executable, "-c", "import time; time.sleep(600)"], echo=print)
+        assert signal.getsignal(sig) is before  # put back
+    finally:
+        signal.signal(sig, previous)
+    assert missed == [], "the signal reached the handler from before the launch, not the child"
+    assert code == 128 + sig
+    assert children[0].returncode == -sig  # the child ended by the very signal

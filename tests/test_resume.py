@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from signals import at_gate, signal_gate
 from typer.testing import CliRunner
 
 from finetune.train.checkpoints import MARKER, scan, staging_dir
@@ -175,52 +176,6 @@ def slow_save(tmp_path: Path, window: str, step: int = 4) -> Path:
 
 def paused(out: Path) -> Callable[[], bool]:
     return lambda: (out / "SAVE_PAUSED").exists()
-
-
-SIGNAL_GATE = """
-import sys, time
-from pathlib import Path
-import finetune.train.interrupt as interrupt
-
-GATE, HOLD = {gate}, {hold!r}
-
-def wait(condition):  # polled, so the signal handler runs within milliseconds; 600 s only bounds a hang
-    deadline = time.monotonic() + 600
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-real_step_end = interrupt.CheckpointControl.on_step_end
-def gated_step_end(self, args, state, control, **kwargs):  # the end of step GATE waits for the test's signal
-    if state.global_step == GATE:
-        Path(args.output_dir).parents[1].joinpath("AT_GATE").touch()  # in output_dir: the test signals now
-        wait(lambda: self.stop.signum is not None)
-    return real_step_end(self, args, state, control, **kwargs)
-interrupt.CheckpointControl.on_step_end = gated_step_end
-
-real_publish = interrupt.publish
-def held_publish(staged, step, *args, **kwargs):  # HOLD: the signal's checkpoint never completes (a slow disk)
-    if HOLD and step == GATE:
-        wait(lambda: False)
-    return real_publish(staged, step, *args, **kwargs)
-interrupt.publish = held_publish
-
-from finetune.cli import main
-sys.argv = ["finetune", *sys.argv[1:]]
-main()
-"""
-
-
-def signal_gate(tmp_path: Path, gate: int = 3, hold: bool = False) -> Path:
-    """A `finetune` entry script whose step `gate` ends only once a signal has arrived (it touches output_dir/AT_GATE
-    first), so the signal lands at a known step however loaded the machine; `hold`: that step's checkpoint is then
-    never published (the run can only end by a second signal)."""
-    script = tmp_path / f"signal_gate_{gate}_{hold}.py"
-    script.write_text(SIGNAL_GATE.format(gate=gate, hold=hold))
-    return script
-
-
-def at_gate(out: Path) -> Callable[[], bool]:
-    return lambda: (out / "AT_GATE").exists()
 
 
 def output_so_far(proc: subprocess.Popen) -> str:

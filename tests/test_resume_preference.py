@@ -1,5 +1,8 @@
 """DPO and KTO runs killed with SIGKILL resume to the uninterrupted run's adapter, as SFT does (tests/test_resume.py).
 
+The kill comes at the signal gate (tests/signals.py): step 3 waits there, so checkpoint-2 is complete and
+checkpoint-4 cannot be, however loaded the machine (a kill sent once checkpoint-2 appears could land after the end).
+
 Preference runs keep the reference policy as a second, frozen adapter ("ref") in the same model; resuming must give
 back the trained adapter, its optimizer and the data order, and leave the reference as the starting adapter. The
 resumed run's metrics.json and console summary say which steps its tokens/s covers (it measured only its own).
@@ -12,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+from signals import at_gate, signal_gate
 from test_resume import assert_same_adapter, complete_checkpoint, kill, run, start, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +48,9 @@ def test_killed_preference_run_resumes_to_the_uninterrupted_adapter(tmp_path, ti
 
     out = tmp_path / "killed"
     args = run_args(method, tiny_model_dir, out)
-    proc = start(args)
-    wait_for(complete_checkpoint(out, 2), proc)
+    proc = start(args, script=signal_gate(tmp_path))  # step 3 waits there (for a signal that never comes)
+    wait_for(at_gate(out), proc)
+    assert complete_checkpoint(out, 2)() and not (out / "checkpoints" / "checkpoint-4").exists()
     kill(proc)
     assert not (out / "adapter").exists()
     code, resumed = run(args)

@@ -8,11 +8,12 @@ checkpoints.py); `on_save` waits for every rank to finish writing and rank 0 pub
 
 The first SIGTERM or SIGINT asks for a checkpoint at the end of the current step and a clean stop; the run then
 raises `Interrupted` (exit code 128 + the signal number: 143 for SIGTERM, 130 for SIGINT, as a shell reports a
-process the signal ended, so a scheduler requeues it rather than counting it a success). A second signal exits at
-once, without a checkpoint. After the last step (final evaluation, adapter write) the first signal lets the run
-finish, and a second one exits before adapter/ and metrics.json appear, so the same command resumes: the folder is
-finished or resumable, never a half-written adapter (train.py writes both under temporary names and renames them
-inside `StopOnSignal.deferring_exit`).
+process the signal ended, so a scheduler requeues it rather than counting it a success). A second signal sent after
+the first one's message has appeared exits at once (128 + its number), without a checkpoint; two that arrive before
+the first is handled count as one (see StopOnSignal). After the last step (final evaluation, adapter write) the
+first signal lets the run finish, and a second one exits before adapter/ and metrics.json appear, so the same
+command resumes: the folder is finished or resumable, never a half-written adapter (run.py writes both under
+temporary names and renames them inside `StopOnSignal.deferring_exit`).
 """
 
 from __future__ import annotations

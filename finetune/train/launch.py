@@ -36,6 +36,7 @@ ERROR_MARK = b"\x1efinetune: a rank reported a user error\x1e\n"  # in the rank'
 # Seconds torchrun gives the ranks between passing on SIGTERM and killing them (its default, 30 s, can be shorter
 # than writing a checkpoint of a big adapter with its optimizer state). A value the user set is kept.
 SHUTDOWN_TIMEOUT = "300"
+SIGNALS = (signal.SIGTERM, signal.SIGINT)  # passed on to the launcher
 
 
 def already_distributed(env: Mapping[str, str]) -> bool:
@@ -210,6 +211,8 @@ def _relay(source: int) -> None:
 def run(command: Sequence[str], *, echo=print) -> int:
     """Print the command, run it, pass SIGTERM/SIGINT on to it, and return its exit code.
 
+    The handler is in place before the child starts, so no signal falls between the two: one that arrives while
+    the child is being started is passed on as soon as it exists. The previous handlers are back when we return.
     A child killed by a signal gives 128 + the signal; so does a child that fails after we passed a signal on
     (accelerate exits 1 once torchrun has stopped the ranks), so the caller sees 143 / 130 as for a single process.
     A rank's user error is printed once, here, and gives 2.
@@ -217,32 +220,41 @@ def run(command: Sequence[str], *, echo=print) -> int:
     echo(f"launching: {shlex.join(command)}")
     env = dict(os.environ)
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT)
-    with tempfile.TemporaryDirectory(prefix="finetune-launch-") as folder:
-        errors = Path(folder)
-        env[ERRORS_ENV] = folder
-        read_end, write_end = os.pipe()
-        # Its own session: a Ctrl-C in the terminal reaches the launcher once, through us, not twice.
-        try:
-            child = subprocess.Popen(list(command), env=env, stderr=write_end, start_new_session=True)
-        finally:
-            os.close(write_end)
-        relay = threading.Thread(target=_relay, args=(read_end,), daemon=True)
-        relay.start()
-        forwarded: list[int] = []
+    child: subprocess.Popen | None = None
+    queued: list[int] = []  # signals that arrived before the child existed
+    forwarded: list[int] = []  # signals passed on to the running child, in order
 
-        def forward(signum, _frame):
-            if child.poll() is None:
-                forwarded.append(signum)
-                child.send_signal(signum)
+    def forward(signum, _frame):
+        if child is None:
+            queued.append(signum)
+        elif child.poll() is None:
+            forwarded.append(signum)
+            child.send_signal(signum)
 
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            code = child.wait()
-        finally:
-            for sig, handler in previous.items():
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS} if main else {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="finetune-launch-") as folder:
+            errors = Path(folder)
+            env[ERRORS_ENV] = folder
+            read_end, write_end = os.pipe()
+            # Its own session: a Ctrl-C in the terminal reaches the launcher once, through us, not twice.
+            try:
+                started = subprocess.Popen(list(command), env=env, stderr=write_end, start_new_session=True)
+            finally:
+                os.close(write_end)
+            child = started
+            while queued:  # arrived while the child was starting: passed on now (from here on the handler does it)
+                forward(queued.pop(0), None)
+            relay = threading.Thread(target=_relay, args=(read_end,), daemon=True)
+            relay.start()
+            code = started.wait()
+            relay.join(timeout=30)  # a rank's leftover child may hold the pipe open: never wait on it for long
+            reported = rank_errors(errors)
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
                 signal.signal(sig, handler)
-        relay.join(timeout=30)  # a rank's leftover child may hold the pipe open: never wait on it for long
-        reported = rank_errors(errors)
     if code < 0:
         return 128 - code
     if code != 0 and forwarded:

@@ -182,10 +182,11 @@ import sys, time
 from pathlib import Path
 from finetune.export.shard_stream import StreamingShard
 
+PAUSED = Path(sys.argv[1])
 real_write = StreamingShard.write
 def paused_write(self, name, tensor):  # the first tensor is in the first part: say so, and wait for the kill
     real_write(self, name, tensor)
-    Path(sys.argv[1]).touch()
+    PAUSED.touch()
     time.sleep(600)  # a bound on a hang only: the test kills as soon as it sees the file
 StreamingShard.write = paused_write
 
