@@ -18,11 +18,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
+from test_gguf import make_adapter  # the same adapter kind the layout tests export
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.moe import apply_lora, load_mixtral, save_adapter
 
 LLAMA_CPP_PYTHON = "0.3.36"  # vendors llama.cpp's converter (convert_hf_to_gguf.py + conversion/ + gguf-py)
 CACHE = Path(os.environ.get("FINETUNE_TEST_CACHE", Path.home() / ".cache" / "finetune-tests"))
@@ -62,17 +61,6 @@ def convert(converter: Path, folder: Path, out: Path, kind: str) -> None:
     result = subprocess.run([sys.executable, str(converter), str(folder), "--outtype", kind, "--outfile", str(out)],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-def make_adapter(base: Path, out: Path, randomize_lora, seed: int) -> Path:
-    """Attention + both expert projections + a trained router, all non-zero (as in test_gguf.py)."""
-    model, _ = load_mixtral(base, quantization="nf4", dtype=torch.float32)
-    model = apply_lora(model, attention_targets=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8, dropout=0.0,
-                       expert_targets=["gate_up_proj", "down_proj"], expert_r=2, expert_alpha=4,
-                       train_router=True)  # fmt: skip
-    randomize_lora(model, seed=seed, std=0.2)
-    save_adapter(model, out)
-    return out
 
 
 def contents(path: Path) -> tuple[dict, dict]:
