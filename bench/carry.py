@@ -329,75 +329,14 @@ def tiny(carry: Path, cache: Path) -> Path:
     return target
 
 
-# --------------------------------------------------------------------------------------------- a bare environment
-
-IMAGE_BASE = ("torch", "transformers", "peft", "accelerate", "pip")  # what the GPU image is assumed to have
-
-
-def closure(roots: tuple[str, ...]) -> list:
-    """These distributions of the running environment and everything they require (extras left out)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # pip vendors it
-        from pip._vendor.packaging.requirements import Requirement
-
-    seen: dict[str, object] = {}
-    todo = list(roots)
-    while todo:
-        name = normalise(todo.pop())
-        if name in seen:
-            continue
-        try:
-            dist = distribution(name)
-        except PackageNotFoundError:
-            continue
-        seen[name] = dist
-        for text in dist.requires or []:
-            req = Requirement(text)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return list(seen.values())
-
-
-def bare(dest: Path) -> dict:
-    """A virtual environment holding only IMAGE_BASE + ASSUMED_IN_IMAGE and what they require, as links into the
-    running environment's site-packages: the image the job expects, built in a second instead of a pip install."""
-    import venv
-
-    shutil.rmtree(dest, ignore_errors=True)
-    venv.EnvBuilder(with_pip=False, symlinks=True).create(dest)
-    site = Path(subprocess.check_output([str(dest / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())  # fmt: skip
-    names = []
-    for dist in closure(IMAGE_BASE + ASSUMED_IN_IMAGE):
-        names.append(f"{dist.metadata['Name']} {dist.version}")
-        tops = {Path(str(f)).parts[0] for f in dist.files or []}
-        for top in tops:
-            source = Path(dist.locate_file(top))
-            if top.endswith(".pth") or top in ("..", "bin") or not source.exists() or (site / top).exists():
-                continue
-            (site / top).symlink_to(source)
-    return {"python": str(dest / "bin" / "python"), "distributions": sorted(names)}
-
-
-def image_pins() -> list[str]:
-    """`name==version` of what the bare environment holds, at this environment's versions (torch's local label off:
-    `torch==2.13.0` finds the local CPU wheel here and the CUDA build on a GPU machine)."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in IMAGE_BASE + ASSUMED_IN_IMAGE if name != "pip"]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["prepare", "install", "tiny", "sizes", "bare", "image-pins"])
+    p.add_argument("command", choices=["prepare", "install", "tiny", "sizes"])
     p.add_argument("--carry", type=Path, default=DEFAULT_CARRY)
     p.add_argument("--pythons", default=",".join(PYTHONS))
     p.add_argument("--target", type=Path, help="install: the folder to put on PYTHONPATH")
     p.add_argument("--cache", type=Path, help="tiny: the FINETUNE_CACHE folder")
     p.add_argument("--json", type=Path, help="install: also write the report here")
-    p.add_argument("--dest", type=Path, help="bare: the virtual environment to make")
     args = p.parse_args(argv)
     if args.command == "prepare":
         manifest = prepare(args.carry, [x.strip() for x in args.pythons.split(",") if x.strip()])
@@ -409,13 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "sizes":
         print(json.dumps(sizes(args.carry), indent=2))
-        return 0
-    if args.command == "image-pins":
-        print(" ".join(image_pins()))
-        return 0
-    if args.command == "bare":
-        made = bare(args.dest)
-        print(f"bare environment {args.dest}: {len(made['distributions'])} distributions linked from {sys.prefix}")
         return 0
     if args.command == "tiny":
         print(tiny(args.carry, args.cache))

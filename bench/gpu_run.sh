@@ -138,9 +138,9 @@ if [[ "$MODE" == dry ]]; then
   VENV="$WORK/venv"
   JOB_PY="$SUITE_PY"
   if [[ -n "${BARE_FROM:-}" ]]; then
-    run_stage bare_env 120 10 "" -- "$BARE_FROM" "$HERE/carry.py" bare --dest "$VENV"
+    run_stage bare_env 120 10 "" -- "$BARE_FROM" "$HERE/bare_env.py" bare --dest "$VENV"
   else
-    pins=$("$SUITE_PY" "$HERE/carry.py" image-pins) || fail "cannot read this checkout's versions with $SUITE_PY"
+    pins=$("$SUITE_PY" "$HERE/bare_env.py" image-pins) || fail "cannot read this checkout's versions with $SUITE_PY"
     # the interpreter the suite's .venv was made from: the local torch wheel is built for it
     base="${DRY_PYTHON:-$("$SUITE_PY" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')}"
     rm -rf "$VENV"

@@ -22,7 +22,7 @@ KNOWN_LOG_NOISE: tuple[tuple[str, str], ...] = (
 
 # (message regex, category, module regex of the warning's location): passed to warnings.filterwarnings.
 KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
-    # transformers 5 renamed the property; PEFT (PeftModel.__init__) and TRL still read the old name.
+    # transformers 5 renamed the property; TRL 1.16 (trl.models.utils, around generation) still reads the old name.
     (
         r"`is_gradient_checkpointing` is deprecated and will be removed in v6",
         FutureWarning,

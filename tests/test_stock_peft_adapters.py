@@ -2,10 +2,8 @@
 
 Kinds: an SFT run's adapter, a DPO run's adapter with a trained router (modules_to_save), and the per-expert export
 (`finetune export-adapter`) of each. Loaded by `PeftModel.from_pretrained` onto stock `MixtralForCausalLM` in a fresh
-interpreter that never imports finetune, under `warnings.simplefilter("error")`, with two named exceptions that are
-not about our files: transformers' `is_gradient_checkpointing` deprecation (PEFT triggers it for any model) and,
-for the per-expert layout only, PEFT's own converted key '.*\\.gate_up_proj' (its v4 -> v5 conversion writes that
-key and its pattern check then calls it unmatched, although it applies it; the message must name no other key).
+interpreter that never imports finetune, under `warnings.simplefilter("error")` with no exception (PEFT 0.21 warned
+falsely about the per-expert layout's fused key and read a deprecated transformers property; 0.22 does neither).
 Our own readers (load_adapter, merge, export-adapter) still read configs written before the expert rank moved.
 """
 
@@ -43,14 +41,6 @@ STOCK = textwrap.dedent(
         base = MixtralForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            if per_expert:
-                warnings.filterwarnings(
-                    "ignore",
-                    message=r"The following (rank|alpha)_pattern keys did not match any targeted module and were "
-                    r"ignored: \['\.\*\\\\\.gate_up_proj'\]\.$",
-                    category=RuntimeWarning,
-                )
             try:
                 model = PeftModel.from_pretrained(base, adapter_dir)
             except Exception as e:

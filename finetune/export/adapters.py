@@ -255,12 +255,12 @@ def summary_lines(summary: ExportSummary) -> list[str]:
         )
     if {"w1", "w3"} <= set(summary.projections):
         lines.append(
-            "note: stock PEFT (0.21) on transformers v5 fuses w1/w3 into gate_up_proj at rank 2r and alpha 2x (the "
-            "same scale), then warns that its own key '.*\\.gate_up_proj' matched no module: that warning is false"
+            "note: stock PEFT on transformers v5 loads this by fusing w1/w3 into gate_up_proj at rank 2r and alpha "
+            "2x: the same scale, so the same model"
         )
     if set(summary.projections) == {"w1", "w3"}:
         lines.append(
-            "note: stock PEFT 0.21 loads w1/w3 expert LoRA only next to w2 (it targets experts.base_layer); "
+            "note: stock PEFT (0.21, 0.22) loads w1/w3 expert LoRA only next to w2 (it targets experts.base_layer); "
             "this w1/w3-only adapter is for serving engines, PEFT would leave it unloaded"
         )
     return lines

@@ -26,11 +26,11 @@ def _expert_layers(model):
 def write_expert_ranks(config, experts: dict[str, tuple[int, float]]) -> None:
     """Put the experts' rank and alpha in the saved config where stock PEFT reads them without a false warning.
 
-    Stock PEFT (0.21) applies rank_pattern/alpha_pattern to `target_parameters`, but warns that every key matching
-    no *module* of `target_modules` "was ignored": an expert key such as 'mlp.experts.down_proj' always warns, and a
-    key that also matched an attention module would give it the expert rank. So the config's `r`/`lora_alpha` are
-    the experts' and attention keeps its own through one pattern key per target module name ('q_proj'), which the
-    check accepts. Only projections whose rank or alpha differs from the first one still need an expert key.
+    Stock PEFT applies rank_pattern/alpha_pattern to `target_parameters`; 0.21 warned that every key matching no
+    *module* of `target_modules` "was ignored" (an expert key such as 'mlp.experts.down_proj' always did), and a key
+    that also matches an attention module would give it the expert rank. So the config's `r`/`lora_alpha` are the
+    experts' and attention keeps its own through one pattern key per target module name ('q_proj'), which every
+    version accepts. Only projections whose rank or alpha differs from the first one still need an expert key.
     """
     if not experts:
         return

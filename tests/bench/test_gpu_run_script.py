@@ -103,13 +103,16 @@ def test_a_wheel_that_does_not_fit_this_python_is_reported_and_the_rest_install(
 
 
 @pytest.fixture(scope="module")
-def carry_folder(pytestconfig) -> Path:
-    """bench/carry when it was prepared for this Python, else a carry prepared once into pytest's cache."""
+def carry_folder(pytestconfig, tmp_path_factory) -> Path:
+    """bench/carry when it was prepared for this Python, else a carry prepared once into pytest's cache (into this
+    run's temporary folder under `-p no:cacheprovider`)."""
     prepared = ROOT / "bench" / "carry"
     manifest = prepared / "manifest.json"
     if manifest.exists() and PYTHON in json.loads(manifest.read_text()).get("pythons", []):
         return prepared
-    cached = pytestconfig.cache.mkdir(f"gpu-carry-{PYTHON}") / "carry"
+    cache = getattr(pytestconfig, "cache", None)
+    home = cache.mkdir(f"gpu-carry-{PYTHON}") if cache is not None else tmp_path_factory.mktemp(f"gpu-carry-{PYTHON}")
+    cached = home / "carry"
     if not (cached / "manifest.json").exists():
         cmd = [sys.executable, str(CARRY_PY), "prepare", "--carry", str(cached), "--pythons", PYTHON]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
