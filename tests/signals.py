@@ -9,8 +9,13 @@ instead of `-m finetune`), so every rank waits at the gate until its signal, pas
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 SIGNAL_GATE = """
 import sys, time
@@ -65,3 +70,41 @@ def signal_gate(tmp_path: Path, gate: int = 3, hold: bool = False) -> Path:
 
 def at_gate(out: Path) -> Callable[[], bool]:
     return lambda: (out / "AT_GATE").exists()
+
+
+PAUSE_AFTER_FIRST_WRITE = """
+import importlib, sys, time
+from pathlib import Path
+
+module, cls, method, paused = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+owner = getattr(importlib.import_module(module), cls)
+real = getattr(owner, method)
+def paused_write(self, *args, **kwargs):  # the first write is done: say so, and wait for the kill
+    real(self, *args, **kwargs)
+    paused.touch()
+    time.sleep(600)  # a bound on a hang only: the test kills as soon as it sees the file
+setattr(owner, method, paused_write)
+
+from finetune.cli import main
+sys.argv = ["finetune", *sys.argv[5:]]
+main()
+"""
+
+
+def start_paused_after_first_write(writer: str, args: list[str], tmp_path: Path, cwd: Path) -> subprocess.Popen:
+    """Start `finetune ARGS` with `writer` ('module:Class.method') pausing for good right after its first call, and
+    return once it has (the PAUSED file exists), so the test's kill lands mid-write however loaded the machine."""
+    module, _, qualname = writer.partition(":")
+    cls, method = qualname.split(".")
+    paused, log = tmp_path / "PAUSED", tmp_path / "paused.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_WRITE, module, cls, method, str(paused), *args],
+                                cwd=cwd, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    deadline = time.monotonic() + 600  # bounds a hang only
+    while time.monotonic() < deadline and proc.poll() is None and not paused.exists():
+        time.sleep(0.02)
+    if not paused.exists():
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{writer} was never called:\n{log.read_text()[-3000:]}")
+    return proc

@@ -7,9 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import gguf
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from signals import start_paused_after_first_write
 from transformers import MixtralForCausalLM
 from typer.testing import CliRunner
 
@@ -238,25 +236,6 @@ def test_k_quant_runs_llama_quantize_on_the_verified_f16_file(tiny_model_dir, ad
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model-q4km")]
 
 
-PAUSED_EXPORT = """
-import sys, time
-from pathlib import Path
-from finetune.export.gguf_write import GGUFStream
-
-paused = Path(sys.argv[1])
-real_write = GGUFStream.write
-def paused_write(self, name, slot, data):  # the first tensor is written: say so, and wait for the kill
-    real_write(self, name, slot, data)
-    paused.touch()
-    time.sleep(600)  # a bound on a hang only: the test kills as soon as it sees the file
-GGUFStream.write = paused_write
-
-from finetune.cli import main
-sys.argv = ["finetune", *sys.argv[2:]]
-main()
-"""
-
-
 def test_a_kill_midway_leaves_no_file(tmp_path, raw_writer):
     """SIGKILL after the first tensor is in the hidden file (the export waits there: the kill cannot come late)."""
     from finetune.model.tiny import TinySpec, mixtral_config
@@ -264,17 +243,13 @@ def test_a_kill_midway_leaves_no_file(tmp_path, raw_writer):
     spec = TinySpec(hidden_size=512, intermediate_size=1792, layers=4, heads=8, kv_heads=2)
     base = raw_writer(tmp_path / "base", mixtral_config(spec), dtype=torch.float32, shards=2)
     shutil.copyfile(tiny_tokenizer(), base / "tokenizer.model")
-    out, paused, log = tmp_path / "model.gguf", tmp_path / "EXPORT_PAUSED", tmp_path / "export.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", PAUSED_EXPORT, str(paused), "export-gguf", str(base), "-o",
-                                 str(out), "--type", "q4_0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
-    deadline = time.monotonic() + 600  # bounds a hang only
-    while time.monotonic() < deadline and proc.poll() is None and not paused.exists():
-        time.sleep(0.02)
-    if not paused.exists():
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"the export never wrote a tensor:\n{log.read_text()[-3000:]}")
+    out = tmp_path / "model.gguf"
+    proc = start_paused_after_first_write(
+        "finetune.export.gguf_write:GGUFStream.write",
+        ["export-gguf", str(base), "-o", str(out), "--type", "q4_0"],
+        tmp_path,
+        ROOT,
+    )
     assert list(tmp_path.glob(".model.gguf.writing-*"))  # the hidden file, with a tensor in it
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

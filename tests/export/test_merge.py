@@ -10,12 +10,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from signals import start_paused_after_first_write
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from finetune.moe import apply_lora, load_adapter, load_mixtral, save_adapter
@@ -177,41 +177,16 @@ def test_merge_memory_is_bounded_by_a_shard(mixtral_shaped, tmp_path):
     assert peak < 0.6 * total  # and clearly less than the model
 
 
-PAUSED_MERGE = """
-import sys, time
-from pathlib import Path
-from finetune.export.shard_stream import StreamingShard
-
-PAUSED = Path(sys.argv[1])
-real_write = StreamingShard.write
-def paused_write(self, name, tensor):  # the first tensor is in the first part: say so, and wait for the kill
-    real_write(self, name, tensor)
-    PAUSED.touch()
-    time.sleep(600)  # a bound on a hang only: the test kills as soon as it sees the file
-StreamingShard.write = paused_write
-
-from finetune.cli import main
-sys.argv = ["finetune", *sys.argv[2:]]
-main()
-"""
-
-
 def test_a_kill_during_the_merge_leaves_no_out(mixtral_shaped, tmp_path):
     """SIGKILL while the first part is being written (the merge waits there: the kill cannot come after the end)."""
     base, adapter = mixtral_shaped
-    out, paused, log = tmp_path / "merged", tmp_path / "MERGE_PAUSED", tmp_path / "merge.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", PAUSED_MERGE, str(paused), "merge", str(adapter), "-o", str(out), "--base",
-             str(base)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-    deadline = time.monotonic() + 600  # bounds a hang only
-    while time.monotonic() < deadline and proc.poll() is None and not paused.exists():
-        time.sleep(0.05)
-    if not paused.exists():
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"the merge never wrote a tensor:\n{log.read_text()[-3000:]}")
+    out = tmp_path / "merged"
+    proc = start_paused_after_first_write(
+        "finetune.export.shard_stream:StreamingShard.write",
+        ["merge", str(adapter), "-o", str(out), "--base", str(base)],
+        tmp_path,
+        ROOT,
+    )
     assert any(tmp_path.glob(".merged.merging-*/part-*")), "the merge never started writing"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
