@@ -77,6 +77,43 @@ def test_tiny_model_tokenizer_pad_is_not_eos(tiny_model_dir):
     check_model_dir(tiny_model_dir, ModelSettings(path=str(tiny_model_dir)))
 
 
+TEXTS = ["Hello world", "The capital of France is", "[INST] What is 2 + 2? [/INST]", "x\n\ny = 1", "é😀 café"]
+
+
+def test_tiny_model_tokenizer_encodes_as_mistral_common(tiny_model_dir):
+    """What a user's `AutoTokenizer(text)` gives equals Mixtral's reference tokenizer: BOS first, no EOS.
+
+    Runs of spaces are left out: transformers v5's LlamaTokenizer (a Metaspace pre-tokenizer over its own merges)
+    splits them unlike SentencePiece ("a  b": '▁▁','b' against '▁','▁b'), for Mixtral's hub tokenizer too. The
+    data tools tokenize chat_format mistral with mistral-common, which is SentencePiece itself."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from transformers import AutoTokenizer
+
+    from finetune.model.tiny import mistral_v1_tokenizer_file
+
+    reference = MistralTokenizer.from_file(str(mistral_v1_tokenizer_file())).instruct_tokenizer.tokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == reference.encode(text, bos=True, eos=False), text
+
+
+def test_a_cached_builtin_of_an_older_build_is_written_again(tmp_path, monkeypatch):
+    from finetune.model import tiny
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    folder = tiny.materialize_builtin()
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "tiny_build.txt").unlink()  # as a cache written before builds were recorded
+    (folder / "tokenizer.json").write_text("{}")
+    again = tiny.materialize_builtin()
+    assert again == folder and (folder / "tiny_build.txt").read_text().strip() == tiny.BUILD
+    assert (folder / "model.safetensors").read_bytes() == weights  # the same seed: the same model
+    assert load_tokenizer(folder)("Hi")["input_ids"][0] == 1
+    mtime = (folder / "tokenizer.json").stat().st_mtime_ns
+    tiny.materialize_builtin()  # current: left as it is
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == mtime
+
+
 def test_hub_ids_fetch_only_safe_files(tmp_path, monkeypatch):
     """A hub id goes through huggingface_hub's snapshot_download; pickles are only fetched when allowed."""
     import huggingface_hub

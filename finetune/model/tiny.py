@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 TINY_MODEL_NAME = "tiny-random-mixtral"
+# Bumped when what write_tiny_model writes changes; a cached built-in of another build is written again (same seed,
+# same weights). 2: the tokenizer adds BOS, as Mixtral's does.
+BUILD = "2"
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,15 @@ def mistral_v1_tokenizer_file() -> Path:
 
 
 def write_tokenizer(output: Path) -> None:
-    """Write the Mixtral v1 tokenizer as a transformers tokenizer folder (tokenizer.model + tokenizer.json)."""
+    """Write the Mixtral v1 tokenizer as a transformers tokenizer folder (tokenizer.model + tokenizer.json).
+
+    BOS on every encode and no EOS, as Mixtral-8x7B's own tokenizer (and mistral-common, and llama.cpp reading the
+    GGUF file) does; transformers v5's LlamaTokenizer built from a bare tokenizer.model adds neither."""
     from transformers import LlamaTokenizer
 
     output.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(mistral_v1_tokenizer_file(), output / "tokenizer.model")
-    tokenizer = LlamaTokenizer.from_pretrained(str(output))
+    tokenizer = LlamaTokenizer.from_pretrained(str(output), add_bos_token=True, add_eos_token=False)
     tokenizer.save_pretrained(str(output))
 
 
@@ -86,6 +92,7 @@ def write_tiny_model(output: str | Path, spec: TinySpec = TinySpec(), *, dtype: 
     model.save_pretrained(str(output), safe_serialization=True)
     write_tokenizer(output)
     (output / "tiny_spec.txt").write_text(repr(asdict(spec)) + "\n")
+    (output / "tiny_build.txt").write_text(BUILD + "\n")
     return output
 
 
@@ -100,7 +107,8 @@ def materialize_builtin(name: str = TINY_MODEL_NAME) -> Path:
     if name != TINY_MODEL_NAME:
         raise ValueError(f"unknown built-in model {name!r}; the built-in model is {TINY_MODEL_NAME!r}")
     target = cache_root() / name
-    if (target / "config.json").exists() and (target / "tokenizer.model").exists():
+    build = target / "tiny_build.txt"
+    if (target / "config.json").exists() and build.exists() and build.read_text().strip() == BUILD:
         return target
     tmp = target.with_name(f"{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
