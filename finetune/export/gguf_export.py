@@ -119,6 +119,7 @@ def export_gguf(source: Path, out: Path, *, out_type: str = "f16", base: str | N
             for key, tensor in stream:
                 for gguf_name, slot, data in layout.pieces(key, tensor):
                     file.write(gguf_name, slot, data)
+                del tensor, data  # before the stream makes the next one: one merged tensor in memory at a time
             stream.finish()
         except BaseException:
             file.abort()

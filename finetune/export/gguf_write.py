@@ -24,7 +24,9 @@ Q = gguf.GGMLQuantizationType
 # clipped top level and the float16 scale add up to one step. float16 / bfloat16 round to half an ulp.
 BLOCK_LEVELS = {Q.Q8_0: 127, Q.Q4_0: 8}
 RELATIVE = {Q.F32: 0.0, Q.F16: 2.0**-11, Q.BF16: 2.0**-8}
-CHUNK_BYTES = 16 * 2**20  # float32 working set per encode / compare: never a whole embedding or expert stack
+# float32 rows per encode / compare. A few buffers of this size are alive at once, and glibc keeps freed ones of
+# this size for reuse, so it sets the working set above the one tensor in hand: 4 MiB keeps it to a few tens of MiB.
+CHUNK_BYTES = 4 * 2**20
 TINY = {Q.F32: 0.0, Q.F16: 2.0**-25, Q.BF16: 2.0**-133}  # half the smallest subnormal
 
 
@@ -90,13 +92,14 @@ class GGUFStream:
 
 
 def error_bound(ref: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """The largest |dequant - ref| the type allows, element by element."""
+    """The largest |dequant - ref| the type allows, element by element (block types: one value per block)."""
     if qtype in BLOCK_LEVELS:
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         blocks = np.abs(ref).reshape(*ref.shape[:-1], -1, block)
-        step = blocks.max(axis=-1, keepdims=True) / BLOCK_LEVELS[qtype]
-        return np.broadcast_to(step * 1.01, blocks.shape).reshape(ref.shape)
-    return np.maximum(np.abs(ref) * RELATIVE[qtype], TINY[qtype])
+        return blocks.max(axis=-1, keepdims=True) * (1.01 / BLOCK_LEVELS[qtype])
+    bound = np.abs(ref)
+    bound *= RELATIVE[qtype]
+    return np.maximum(bound, TINY[qtype], out=bound)
 
 
 @dataclass
@@ -121,48 +124,64 @@ class ReadBack:
         return f"verify: {self.tensors} tensors read back as llama.cpp's layout; max |dequant - merged|: {errors}: ok"
 
 
+def tensor_infos(path: Path) -> dict[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...], int, int]]:
+    """name -> (type, shape in torch order, bytes, data offset), as gguf's reader finds them. The reader itself is
+    let go at once: it keeps a numpy view per vocabulary entry (~80 MiB for Mixtral's 32k tokens)."""
+    reader = gguf.GGUFReader(path)
+    infos = {t.name: (t.tensor_type, tuple(int(n) for n in reversed(t.shape)), int(t.n_bytes), int(t.data_offset))
+             for t in reader.tensors}  # fmt: skip
+    del reader
+    return infos
+
+
 def read_back(
     path: Path, planned: list[Planned], layout: Layout, merged: Iterable[tuple[str, torch.Tensor]]
 ) -> ReadBack:
     """Names, shapes and types against the plan; then every piece of `merged` (a second pass of the merge stream)
     against the file's dequantised bytes."""
-    reader = gguf.GGUFReader(path)
-    found = {t.name: t for t in reader.tensors}
+    found = tensor_infos(path)
     result = ReadBack(tensors=len(found))
     if set(found) != {p.name for p in planned}:
         result.problems.append(
             f"tensor names differ from the plan: {sorted(set(found) ^ {p.name for p in planned})[:5]}"
         )
     for p in planned:
-        t = found.get(p.name)
-        if t is not None and (t.tensor_type, tuple(int(n) for n in reversed(t.shape)), int(t.n_bytes)) != (
-            p.qtype,
-            p.shape,
-            p.nbytes,
-        ):
-            result.problems.append(
-                f"{p.name}: {t.tensor_type.name} {tuple(reversed(t.shape))}, expected {p.qtype.name} {p.shape}"
-            )
+        info = found.get(p.name)
+        if info is not None and info[:3] != (p.qtype, p.shape, p.nbytes):
+            result.problems.append(f"{p.name}: {info[0].name} {info[1]}, expected {p.qtype.name} {p.shape}")
     if result.problems:
         return result
     by_name = {p.name: p for p in planned}
     with open(path, "rb") as f:  # plain reads: the reader's memory map would keep every page it touched resident
         for key, tensor in merged:
-            for name, slot, data in layout.pieces(key, tensor):
-                p = by_name[name]
-                f.seek(int(found[name].data_offset) + slot * (p.nbytes // p.slots))
-                for rows in row_chunks(data):
-                    _compare(result, f"{name}[{slot}] ({key})", p.qtype, f, rows.float().numpy())
+            _compare_tensor(result, f, layout, found, by_name, key, tensor)
+            del tensor  # before the stream makes the next one: one merged tensor in memory at a time
     return result
 
 
+def _compare_tensor(result: ReadBack, f, layout: Layout, found: dict, by_name: dict, key: str, tensor) -> None:
+    for name, slot, data in layout.pieces(key, tensor):
+        p = by_name[name]
+        f.seek(found[name][3] + slot * (p.nbytes // p.slots))
+        for rows in row_chunks(data):
+            _compare(result, f"{name}[{slot}] ({key})", p.qtype, f, rows.float().numpy())
+
+
 def _compare(result: ReadBack, where: str, qtype: gguf.GGMLQuantizationType, f, ref: np.ndarray) -> None:
+    """One chunk of rows: the file's bytes dequantised against `ref`, in place (a few buffers of the chunk's size)."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = np.frombuffer(f.read(ref.size // block * size), dtype=np.uint8)
-    got = gguf.quants.dequantize(raw.reshape(*ref.shape[:-1], -1), qtype).reshape(ref.shape)
-    err, bound, kind = np.abs(got - ref), error_bound(ref, qtype), qtype.name
-    share = float(np.max(err / np.where(bound > 0, bound, np.inf)))  # F32 must be exact: caught below
-    result.worst[kind] = max(result.worst.get(kind, 0.0), share)
-    result.max_abs[kind] = max(result.max_abs.get(kind, 0.0), float(err.max()))
-    if np.any(err > bound):
-        result.problems.append(f"{where}: |dequant - merged| up to {err.max():.2e}, beyond {kind}'s error")
+    raw = bytearray(ref.size // block * size)  # writable: F32 "dequantises" to a view of these very bytes
+    f.readinto(raw)
+    err = gguf.quants.dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(*ref.shape[:-1], -1), qtype)
+    err = err.reshape(ref.shape)
+    np.subtract(err, ref, out=err)
+    np.abs(err, out=err)
+    bound, kind = error_bound(ref, qtype), qtype.name
+    if qtype in BLOCK_LEVELS:  # one bound per block: compare block by block
+        err = err.reshape(*bound.shape[:-1], -1)
+    worst, beyond = float(err.max()), bool(np.any(err > bound))
+    np.divide(err, bound, out=err, where=bound > 0)  # a zero bound (F32, an all-zero block) keeps err: 0 if exact
+    result.worst[kind] = max(result.worst.get(kind, 0.0), float(err.max()))
+    result.max_abs[kind] = max(result.max_abs.get(kind, 0.0), worst)
+    if beyond:
+        result.problems.append(f"{where}: |dequant - merged| up to {worst:.2e}, beyond {kind}'s error")

@@ -35,7 +35,7 @@ class LinearDelta:
     scaling: float
 
     def delta(self) -> torch.Tensor:
-        return (self.b.float() @ self.a.float()) * self.scaling
+        return (self.b.float() @ self.a.float()).mul_(self.scaling)  # in place: one (out, in) float32 buffer
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ExpertDelta:
         r = self.a.shape[0] // self.num_experts
         a_e = self.a[expert * r : (expert + 1) * r].float()
         b_e = self.b[rows, expert :: self.num_experts].float()
-        return (b_e @ a_e) * self.scaling
+        return (b_e @ a_e).mul_(self.scaling)
 
 
 @dataclass

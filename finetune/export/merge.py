@@ -171,8 +171,8 @@ class DeltaApplier:
         if ckey in self.deltas.linear:
             self._use(ckey, key)
             delta = self._fit(key, tensor, self.deltas.linear[ckey].delta(), ckey)
-            base = self.requant.attention(tensor) if requantize else tensor.float()
-            return [(key, self._out(base + delta, tensor))]
+            base = self.requant.attention(tensor) if requantize else tensor
+            return [(key, self._out(delta.add_(base), tensor))]  # into the fresh delta: no float32 copy of W
         if requantize:
             return [(key, self._out(self.requant.attention(tensor), tensor))]
         return [(key, self._cast(tensor))]
@@ -195,13 +195,13 @@ class DeltaApplier:
             if delta is None and self.requant is None:
                 return [(key, self._cast(tensor))]
             base = self._expert_weight("down_proj", tensor)
-            fitted = 0 if delta is None else self._fit(key, base, delta, (layer, "down_proj"))
-            return [(key, self._out(base + fitted, tensor))]
+            merged = base if delta is None else self._fit(key, base, delta, (layer, "down_proj")).add_(base)
+            return [(key, self._out(merged, tensor))]
         if self.requant is None:  # each half on its own: no need to wait for the other
             delta = self._expert_delta(layer, "gate_up_proj", expert, piece, key)
             if delta is None:
                 return [(key, self._cast(tensor))]
-            return [(key, self._out(tensor.float() + self._fit(key, tensor, delta, (layer, "gate_up_proj")), tensor))]
+            return [(key, self._out(self._fit(key, tensor, delta, (layer, "gate_up_proj")).add_(tensor), tensor))]
         # dequantized: the loader quantised [w1; w3] as one tensor, so requantise them together
         halves = self.pending.setdefault((layer, expert), {})
         halves[piece] = (key, tensor)
@@ -216,8 +216,8 @@ class DeltaApplier:
             ("up", up_key, up, both[self.ffn :]),
         ):
             delta = self._expert_delta(layer, "gate_up_proj", expert, name, piece_key)
-            fitted = 0 if delta is None else self._fit(piece_key, rows, delta, (layer, "gate_up_proj"))
-            out.append((piece_key, self._out(rows + fitted, original)))
+            merged = rows if delta is None else self._fit(piece_key, rows, delta, (layer, "gate_up_proj")).add_(rows)
+            out.append((piece_key, self._out(merged, original)))
         return out
 
     def _fused(self, key: str, stacked: torch.Tensor, layer: int, proj: str) -> torch.Tensor:
@@ -229,7 +229,7 @@ class DeltaApplier:
             if d is not None:
                 for piece in pieces:
                     self._use((layer, proj, e, piece), key)
-                base = base + self._fit(f"{key}[{e}]", base, d.delta(e), (layer, proj))
+                base = self._fit(f"{key}[{e}]", base, d.delta(e), (layer, proj)).add_(base)
             out[e] = base.to(out.dtype)
         return out
 
@@ -308,6 +308,7 @@ def merge_shards(
         writer.plan(stream.specs(shard))
         for name, merged in stream.tensors(shard):
             writer.add(name, merged)
+            del merged  # before the stream makes the next one: one merged tensor in memory at a time
     stream.finish()
     shards = writer.finish()
     return {"shards": shards, "bytes": writer.total, "adapter_tensors": len(stream.applier.used)}

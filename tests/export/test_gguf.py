@@ -127,6 +127,43 @@ def test_read_back_is_stock_peft_merge_in_llama_cpp_layout(kind, tiny_model_dir,
     assert "[INST]" in fields["tokenizer.chat_template"].contents()
 
 
+@pytest.mark.parametrize(("kind", "name", "change"), [
+    ("f16", "blk.0.attn_q.weight", "value"),  # one F16 element far off
+    ("f16", "blk.1.attn_norm.weight", "ulp"),  # F32 must be exact: one ulp is a failure
+    ("q8_0", "blk.0.ffn_down_exps.weight", "value"),  # one int8 level of a block two steps off
+])  # fmt: skip
+def test_read_back_fails_on_a_changed_value(kind, name, change, tiny_model_dir, adapter, tmp_path):
+    """The verification a user trusts must fail when one stored value is off by more than its type allows."""
+    from finetune.export.gguf_layout import Layout
+    from finetune.export.gguf_write import read_back, tensor_infos
+    from finetune.export.merge import MergeStream
+
+    out = tmp_path / "model.gguf"
+    assert export(str(adapter), "-o", str(out), "--base", str(tiny_model_dir), "--type", kind).exit_code == 0
+    qtype, _, _, offset = tensor_infos(out)[name]
+    with open(out, "r+b") as f:
+        if qtype == gguf.GGMLQuantizationType.Q8_0:  # block: float16 scale, then 32 int8 levels
+            f.seek(offset + 2 + 5)
+            level = np.frombuffer(f.read(1), dtype=np.int8)[0]
+            f.seek(offset + 2 + 5)
+            f.write(np.int8(level - 2 if level > 0 else level + 2).tobytes())
+        else:
+            dtype = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32
+            f.seek(offset + 3 * np.dtype(dtype).itemsize)
+            value = np.frombuffer(f.read(np.dtype(dtype).itemsize), dtype=dtype)[0]
+            changed = np.nextafter(value, dtype(np.inf)) if change == "ulp" else value + dtype(0.5)
+            f.seek(offset + 3 * np.dtype(dtype).itemsize)
+            f.write(np.asarray(changed, dtype=dtype).tobytes())
+    stream = MergeStream(tiny_model_dir, adapter)
+    config = MixtralForCausalLM.config_class.from_pretrained(str(tiny_model_dir)).to_dict()
+    layout = Layout(config, kind)
+    planned = layout.plan([spec for shard in stream.shards for spec in stream.specs(shard)])
+    check = read_back(out, planned, layout, stream)
+    assert not check.passed and len(check.problems) == 1, check.problems
+    assert check.problems[0].startswith(name) and "beyond" in check.problems[0]
+    assert "FAILED" in check.describe()
+
+
 def to_fused(per_expert: Path, fused: Path, experts: int) -> None:
     """The same weights in v5's on-disk layout: gate_up_proj = [w1; w3] per expert, down_proj = w2, router mlp.gate."""
     shutil.copytree(per_expert, fused)
