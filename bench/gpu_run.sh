@@ -21,9 +21,11 @@
 # has them), installs bench/carry into it exactly as the job does, with no index, and runs every stage on CPU.
 #
 # Settings (environment): OUT (default bench/results; for --dry-run $WORK/out), WORK (/tmp/finetune-gpu-run),
-# DEADLINE (seconds for the whole job: 500, --dry-run 3000), CARRY (bench/carry), PYTHON (default python3, else
-# python), BARE_FROM (dry run: a Python whose packages the bare environment links to instead of pip-installing them,
-# about a second instead of a minute; the test suite uses it), DRY_PYTHON (dry run: the venv's interpreter).
+# DEADLINE (seconds for the whole job: 500, --dry-run 3000), ONLY (stage names, space-separated: run just these and
+# record the others as skipped; later stages stand on install and tiny_model, so rerunning one stage on a warm
+# machine is ONLY="install tiny_model gpu_check"), CARRY (bench/carry), PYTHON (default python3, else python),
+# BARE_FROM (dry run: a Python whose packages the bare environment links to instead of pip-installing them, about a
+# second instead of a minute; the test suite uses it), DRY_PYTHON (dry run: the venv's interpreter).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
@@ -109,7 +111,10 @@ run_stage() {
   local name=$1 limit=$2 need=$3 result=$4
   shift 5
   local left=$((DEADLINE - (SECONDS - T0) - 10)) start=$SECONDS rc=0 status reason=""
-  if (( left < need )); then
+  if [[ -n "${ONLY:-}" && $name != bare_env && " $ONLY " != *" $name "* ]]; then
+    status=skipped
+    reason="not in ONLY ($ONLY)"
+  elif (( left < need )); then
     status=skipped
     reason="needs ${need}s, ${left}s left before the ${DEADLINE}s deadline"
   else

@@ -52,16 +52,30 @@ def test_a_carry_folder_over_the_budget_is_refused(tmp_path):
 
 def test_a_failed_stage_is_recorded_and_the_next_one_runs(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    # no carry: install fails, tiny_model fails too, and the deadline leaves no room for what follows
-    result = gpu_run(CARRY=str(tmp_path / "absent"), WORK=str(work), OUT=str(out), DEADLINE="30", PYTHON=sys.executable)
+    # no carry: install fails, and tiny_model (which stands on it) runs and fails too; ONLY stops the job there, so
+    # no stage depends on how fast this machine is
+    env = dict(CARRY=str(tmp_path / "absent"), WORK=str(work), OUT=str(out), DEADLINE="3000", PYTHON=sys.executable)
+    result = gpu_run(ONLY="install tiny_model", **env)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     rows = stages(out)
     assert rows["install"]["status"] == "failed"
     assert "no prepared wheels" in rows["install"]["figure"]
     assert rows["tiny_model"]["status"] == "failed"  # it ran after the failure
-    assert rows["baselines"]["status"] == "skipped" and "deadline" in rows["baselines"]["reason"]
+    assert rows["environment"]["status"] == "skipped" and "not in ONLY" in rows["environment"]["reason"]
     assert "| stage | status | seconds | key figure |" in result.stdout  # the closing table
     assert (out / "gpu_run.log").exists() and "== install" in (out / "gpu_run.log").read_text()
+
+
+def test_a_stage_that_cannot_fit_before_the_deadline_is_skipped_and_said_so(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    # 10 s is what the summary keeps for itself, so nothing fits, however fast the machine
+    result = gpu_run(CARRY=str(tmp_path / "absent"), WORK=str(work), OUT=str(out), DEADLINE="10", PYTHON=sys.executable)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]  # skipped is not failed
+    rows = stages(out)
+    assert {row["status"] for row in rows.values()} == {"skipped"}
+    assert {"install", "environment", "gpu_check", "baselines"} <= set(rows)
+    assert "needs 20s" in rows["install"]["reason"] and "before the 10s deadline" in rows["install"]["reason"]
+    assert "| stage | status | seconds | key figure |" in result.stdout
 
 
 def make_wheel(folder: Path, name: str, tag: str) -> Path:
