@@ -28,9 +28,10 @@ from finetune.plan.timing import data_size, time_estimate
 
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/cuDNN workspaces on a Hopper card, as nvidia-smi shows them
 ALLOCATOR_SLACK = 0.08  # caching-allocator fragmentation, as a fraction of the peak allocated bytes
-CPU_RUNTIME_BYTES = 64 * 2**20  # CPU scratch (allocator, oneDNN, threads) of the first step; fitted to the
-# exact kernel high-water mark that bench/plan_check.py measures (4 settings, 4 runs: spread about +-10%) with
-# oneDNN's AVX2 kernels; its AVX-512/AMX kernels keep ~200-300 MiB more, not modelled (tests/test_plan.py)
+CPU_RUNTIME_BYTES = 16 * 2**20  # CPU scratch (oneDNN, threads) of the first step: fitted to the live peak that
+# bench/plan_check.py measures (kernel high-water mark, glibc's mmap threshold fixed so freed tensors are returned;
+# the same to 1 MiB run to run) with oneDNN's AVX2 kernels. Not modelled: what glibc's default keeps of freed
+# tensors (measured 0-25% more, varying from run to run), and AVX-512/AMX kernels' ~200-300 MiB more scratch
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's fused LM head tiles (trl.kernels.chunked_logprob)
 FSDP_SIZES = (2, 4, 8)
 
