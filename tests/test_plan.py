@@ -56,8 +56,8 @@ def test_cpu_peak_within_20_percent_of_measured(shaped_model_dir, monkeypatch):
 
     The runs use oneDNN's AVX2 kernels on every x86 CPU: on AVX-512/AMX CPUs its wider kernels keep ~200-300 MiB of
     extra packing scratch that grows with the step (measured before the live-peak measurement: predicted/measured
-    0.60-0.74 there, 1.09-1.10 with AVX2), which the planner's CPU constant does not model; the same kernels everywhere make this check mean the same
-    thing on every machine."""
+    0.60-0.74 there, 1.09-1.10 with AVX2), which the planner's CPU constant does not model; the same kernels
+    everywhere make this check mean the same thing on every machine."""
     from plan_check import run_settings, table
 
     for name in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA"):  # inherited by each setting's process
